@@ -1,0 +1,67 @@
+"""What a checkpoint holds, and putting it back, so that a resumed run is bit-identical.
+
+Besides model, optimiser and scheduler, every random stream is saved: Python's,
+numpy's global one, torch's CPU and CUDA defaults, and the run's own data,
+pairing and lambda generators, for every process of a torchrun job.
+"""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = 1
+
+
+def _local_rng_state(run) -> dict:
+    numpy_state = np.random.get_state(legacy=False)
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # plain ints: loadable with weights_only
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state,
+        "torch_cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "data": run.generators.data.get_state(),
+        "pairs": run.generators.pairs.get_state(),
+        "lam": run.generators.lam.bit_generator.state,
+    }
+
+
+def capture_state(run, epoch: int) -> dict:
+    """The full training state after `epoch` (a collective call under torchrun)."""
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "world_size": run.dist.world,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng": run.dist.gather(_local_rng_state(run)),
+        "history": list(run.history),
+    }
+
+
+def restore_state(run, state: dict) -> int:
+    """Load `state` into the run; returns the epoch it was taken after."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"][run.dist.rank]
+    random.setstate(_as_tuple(rng["python"]))
+    numpy_state = dict(rng["numpy"])
+    numpy_state["state"] = dict(numpy_state["state"], key=np.asarray(numpy_state["state"]["key"], dtype=np.uint32))
+    np.random.set_state(numpy_state)
+    torch.set_rng_state(rng["torch_cpu"])
+    if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    run.generators.data.set_state(rng["data"])
+    run.generators.pairs.set_state(rng["pairs"])
+    run.generators.lam.bit_generator.state = rng["lam"]
+    run.history[:] = [record for record in state["history"] if record["epoch"] <= state["epoch"]]
+    return state["epoch"]
+
+
+def _as_tuple(value):
+    """random.setstate wants tuples where a round trip may have produced lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,224 @@
+"""main.py's command line: every flag, its help, and the checks that need no data.
+
+Kept apart from main.py so that the sweep script and the tests can build and
+validate a configuration without starting a run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from data import DATASETS
+from losses import LOSSES
+from models import MODELS
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("multistep", "cosine", "constant")
+DEFAULT_FEATURE_EPOCH_COUNT = 8  # log-spaced feature snapshots when --feature-epochs is not given
+# Flags that may change when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = frozenset({"epochs", "resume", "overwrite", "device", "checkpoint_every", "download",
+                               "data_dir", "progress", "out_dir", "run_name"})
+
+
+class UsageError(Exception):
+    """A flag value that cannot run; main.py prints it on one line and exits 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports errors in one line on stderr (no usage block) and exits 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _int_list(text: str) -> List[int]:
+    return [int(item) for item in text.split(",") if item.strip()]
+
+
+def _float_list(text: str) -> List[float]:
+    return [float(item) for item in text.split(",") if item.strip()]
+
+
+for _parser_type, _name in ((_positive_int, "positive int"), (_nonnegative_int, "non-negative int"),
+                            (_positive_float, "positive float"), (_nonnegative_float, "non-negative float"),
+                            (_fraction, "fraction"), (_int_list, "comma-separated int list"),
+                            (_float_list, "comma-separated float list")):
+    _parser_type.__name__ = _name  # argparse names the type in "invalid <type> value" messages
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a classifier with mixup and measure neural collapse (NC1-NC4) after every epoch.")
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="NAME",
+                      help=f"dataset: {', '.join(sorted(DATASETS))} (digits is bundled with scikit-learn)")
+    data.add_argument("--data-dir", default="./data", metavar="DIR", help="where torchvision datasets live")
+    data.add_argument("--download", action="store_true", help="download the dataset into --data-dir if missing")
+    data.add_argument("--samples-per-class", type=_positive_int, default=None, metavar="N",
+                      help="train on the first N samples of every class (balanced subset); default: all")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                      help="random crop (4-pixel padding) + horizontal flip; default on for CIFAR/SVHN, off otherwise")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="mlp", choices=sorted(MODELS), metavar="NAME",
+                       help=f"architecture: {', '.join(sorted(MODELS))}")
+    model.add_argument("--width", type=_positive_float, default=1.0, metavar="X",
+                       help="multiplies the channels (conv nets), hidden units (mlp) or head dimension (ViT)")
+    model.add_argument("--etf-classifier", action="store_true",
+                       help="fix the last layer at a simplex ETF with unit-norm rows (frozen, no bias)")
+
+    loss = parser.add_argument_group("loss")
+    loss.add_argument("--loss", default="cross_entropy", choices=sorted(LOSSES), metavar="NAME",
+                      help=f"loss over logits and soft targets: {', '.join(sorted(LOSSES))}")
+    loss.add_argument("--label-smoothing", type=_fraction, default=0.0, metavar="EPS",
+                      help="label smoothing of cross_entropy")
+    loss.add_argument("--mse-scale", type=_positive_float, default=1.0, metavar="KAPPA",
+                      help="scale of the one-hot target of mse, mae and smooth_l1")
+    loss.add_argument("--focal-gamma", type=_nonnegative_float, default=2.0, metavar="GAMMA",
+                      help="focusing parameter of focal")
+
+    mix = parser.add_argument_group("mixup")
+    mix.add_argument("--mixup-alpha", type=_nonnegative_float, default=1.0, metavar="ALPHA",
+                     help="lambda ~ Beta(ALPHA, ALPHA); 0 turns mixup off")
+    mix.add_argument("--mixup-per-sample", action="store_true",
+                     help="draw lambda per sample instead of once per batch")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, metavar="NAME",
+                       help=f"optimiser: {', '.join(OPTIMIZERS)}")
+    optim.add_argument("--lr", type=_positive_float, default=0.05, metavar="LR", help="initial learning rate")
+    optim.add_argument("--momentum", type=_nonnegative_float, default=0.9, metavar="M", help="SGD momentum")
+    optim.add_argument("--weight-decay", type=_nonnegative_float, default=5e-4, metavar="WD", help="weight decay")
+    optim.add_argument("--scheduler", default="multistep", choices=SCHEDULERS, metavar="NAME",
+                       help=f"learning-rate schedule per epoch: {', '.join(SCHEDULERS)}")
+    optim.add_argument("--milestones", type=_float_list, default=[0.3, 0.5, 0.9], metavar="F,F,...",
+                       help="multistep milestones as fractions of --epochs")
+    optim.add_argument("--gamma", type=_positive_float, default=0.1, metavar="G",
+                       help="multistep factor applied at each milestone")
+    optim.add_argument("--batch-size", type=_positive_int, default=128, metavar="B",
+                       help="global training batch size (split across processes under torchrun)")
+    optim.add_argument("--epochs", type=_positive_int, default=300, metavar="E", help="training epochs")
+    optim.add_argument("--seed", type=int, default=0, metavar="S",
+                       help="seeds the model, shuffling, augmentation, mixup and the feature triple")
+
+    measure = parser.add_argument_group("measurement")
+    measure.add_argument("--nc-every", type=_positive_int, default=1, metavar="K",
+                         help="measure NC every K epochs (also at epoch 0, the last epoch and feature epochs)")
+    measure.add_argument("--eval-batch-size", type=_positive_int, default=1024, metavar="B",
+                         help="batch size of the clean evaluation / NC pass")
+    measure.add_argument("--feature-epochs", type=_int_list, default=None, metavar="E,E,...",
+                         help=f"epochs (0 = before training) whose features are pickled; "
+                              f"default: {DEFAULT_FEATURE_EPOCH_COUNT} log-spaced epochs ending at the last")
+    measure.add_argument("--feature-samples-per-class", type=_nonnegative_int, default=100, metavar="N",
+                         help="clean training samples per class in each features pickle; 0 means all")
+    measure.add_argument("--feature-classes", type=_int_list, default=None, metavar="A,B,C",
+                         help="the class triple whose mixup points are pickled; default: drawn with --seed")
+    measure.add_argument("--feature-lambdas", type=_positive_int, default=21, metavar="L",
+                         help="number of lambda values on the grid 0..1 for the mixup points")
+    measure.add_argument("--feature-pairs", type=_positive_int, default=20, metavar="P",
+                         help="image pairs per pair type (same class, different classes) of the triple")
+    measure.add_argument("--feature-mode", default="eval", choices=("eval", "train"), metavar="MODE",
+                         help="batch norm mode for the mixup points: eval (running statistics) or train "
+                              "(batch statistics, as in Fisher et al. 2024; running statistics are left untouched)")
+
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
+    runtime.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                         help="bf16 autocast for forward passes; default on for CUDA, off on CPU")
+    runtime.add_argument("--compile", action="store_true",
+                         help="torch.compile the training step (drops the ragged last batch for a fixed shape)")
+    runtime.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                         help="channels_last memory format for the conv nets (default on)")
+    runtime.add_argument("--deterministic", action="store_true",
+                         help="deterministic algorithms and no cudnn autotuning (slower on GPU)")
+    runtime.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across torchrun processes")
+    runtime.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="per-epoch progress bar; default on when stderr is a terminal")
+    runtime.add_argument("--allow-nonfinite", action="store_true",
+                         help="keep training after a non-finite training loss instead of stopping")
+
+    output = parser.add_argument_group("output")
+    output.add_argument("--out-dir", default="runs", metavar="DIR", help="parent folder of run folders")
+    output.add_argument("--run-name", default=None, metavar="NAME",
+                        help="run folder name; default: <dataset>_<model>_<loss>_a<alpha>_s<seed>")
+    output.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    output.add_argument("--resume", action="store_true",
+                        help="continue the run folder from its last checkpoint up to --epochs")
+    output.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="K",
+                        help="write checkpoint.pt every K epochs (and at the end)")
+    return parser
+
+
+def default_run_name(args) -> str:
+    return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}_s{args.seed}"
+
+
+def default_feature_epochs(epochs: int) -> List[int]:
+    import numpy as np
+
+    spaced = np.geomspace(1, epochs, num=min(DEFAULT_FEATURE_EPOCH_COUNT, epochs))
+    return sorted({int(round(e)) for e in spaced} | {epochs})
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """Parse and check everything that needs no data; UsageError on a bad combination."""
+    args = build_parser().parse_args(argv)
+    if args.resume and args.overwrite:
+        raise UsageError("--resume and --overwrite exclude each other")
+    if args.run_name is None:
+        args.run_name = default_run_name(args)
+    if "/" in args.run_name or args.run_name in ("", ".", ".."):
+        raise UsageError(f"--run-name {args.run_name!r} must be a plain folder name")
+    if any(not 0 < m < 1 for m in args.milestones) or args.milestones != sorted(args.milestones):
+        raise UsageError(f"--milestones must be increasing fractions in (0, 1), got {args.milestones}")
+    if args.feature_epochs is not None:
+        outside = [e for e in args.feature_epochs if not 0 <= e <= args.epochs]
+        if outside:
+            raise UsageError(f"--feature-epochs {outside} outside 0..{args.epochs} (--epochs)")
+    info = DATASETS[args.dataset][0]
+    if args.feature_classes is not None:
+        if len(set(args.feature_classes)) != 3:
+            raise UsageError(f"--feature-classes needs three distinct classes, got {args.feature_classes}")
+        outside = [c for c in args.feature_classes if not 0 <= c < info.num_classes]
+        if outside:
+            raise UsageError(f"--feature-classes {outside} out of range 0..{info.num_classes - 1} for {args.dataset}")
+    if args.progress is None:
+        args.progress = sys.stderr.isatty()
+    return args

@@ -1,0 +1,132 @@
+"""Reading each dataset from its on-disk format into (N, C, H, W) uint8 tensors."""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass
+from typing import Callable, Dict, Tuple
+
+import numpy as np
+import torch
+
+# digits' split is fixed (independent of --seed) so that runs stay comparable.
+DIGITS_SPLIT_SEED = 0
+DIGITS_TEST_FRACTION = 0.25
+DIGITS_MAX_VALUE = 16  # scikit-learn's digits are 4-bit intensities 0..16
+
+
+class DataError(Exception):
+    """The dataset is missing, corrupt or cannot be subset as asked; the message is one line."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    channels: int
+    image_size: int
+    num_classes: int
+    augment_by_default: bool  # random crop + flip, as in the usual CIFAR/SVHN recipes
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, C, H, W) uint8
+    labels: torch.Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+def _digits(data_dir: str, download: bool) -> Tuple[Split, Split]:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / DIGITS_MAX_VALUE)).astype(np.uint8)[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=DIGITS_TEST_FRACTION, stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED)
+    return _split(x_train, y_train), _split(x_test, y_test)
+
+
+def _torchvision(cls_name: str, layout: str, split_kwargs: Tuple[dict, dict], label_attr: str = "targets"):
+    """A loader over a torchvision dataset class; `layout` names its array axes."""
+    def load(data_dir: str, download: bool) -> Tuple[Split, Split]:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        splits = []
+        for kwargs in split_kwargs:
+            dataset = cls(root=data_dir, download=download, **kwargs)
+            images = np.asarray(dataset.data)
+            if layout == "NHW":
+                images = images[:, None]
+            elif layout == "NHWC":
+                images = images.transpose(0, 3, 1, 2)
+            splits.append(_split(images, np.asarray(getattr(dataset, label_attr))))
+        return tuple(splits)
+    return load
+
+
+def _split(images: np.ndarray, labels: np.ndarray) -> Split:
+    return Split(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)),
+                 torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+
+
+# name -> (info, loader, files whose presence means "downloaded", relative to --data-dir)
+DATASETS: Dict[str, Tuple[DatasetInfo, Callable, Tuple[str, ...]]] = {
+    "digits": (DatasetInfo("digits", 1, 8, 10, False), _digits, ()),
+    "mnist": (DatasetInfo("mnist", 1, 28, 10, False),
+              _torchvision("MNIST", "NHW", ({"train": True}, {"train": False})), ("MNIST",)),
+    "fashionmnist": (DatasetInfo("fashionmnist", 1, 28, 10, False),
+                     _torchvision("FashionMNIST", "NHW", ({"train": True}, {"train": False})), ("FashionMNIST",)),
+    "cifar10": (DatasetInfo("cifar10", 3, 32, 10, True),
+                _torchvision("CIFAR10", "NHWC", ({"train": True}, {"train": False})), ("cifar-10-batches-py",)),
+    "cifar100": (DatasetInfo("cifar100", 3, 32, 100, True),
+                 _torchvision("CIFAR100", "NHWC", ({"train": True}, {"train": False})), ("cifar-100-python",)),
+    "svhn": (DatasetInfo("svhn", 3, 32, 10, True),
+             _torchvision("SVHN", "NCHW", ({"split": "train"}, {"split": "test"}), label_attr="labels"),
+             ("train_32x32.mat", "test_32x32.mat")),
+}
+
+
+def load_dataset(name: str, data_dir: str, download: bool) -> Tuple[DatasetInfo, Split, Split]:
+    """Read both splits on the CPU; raise DataError with one line if that fails."""
+    info, loader, markers = DATASETS[name]
+    present = [m for m in markers if os.path.exists(os.path.join(data_dir, m))]
+    try:
+        train, test = loader(data_dir, download)
+    except RuntimeError as error:
+        if download:
+            raise DataError(f"{name}: download or check under {data_dir!r} failed: {error}") from None
+        if not present:
+            raise DataError(f"{name} is not under --data-dir {data_dir!r}; add --download to fetch it") from None
+        raise DataError(f"{name} files under {data_dir!r} are corrupt ({error}); "
+                        f"delete {', '.join(present)} and rerun with --download") from None
+    except (OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
+        # torchvision parses the files itself; a truncated or foreign file fails in any of these.
+        raise DataError(f"{name} files under {data_dir!r} are corrupt or unreadable "
+                        f"({type(error).__name__}: {error}); delete them and rerun with --download") from None
+    _check_labels(name, info.num_classes, train, test)
+    return info, train, test
+
+
+def _check_labels(name, num_classes, *splits):
+    for split in splits:
+        if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
+            raise DataError(f"{name}: labels outside 0..{num_classes - 1}; the files are corrupt")
+
+
+def balanced_subset(split: Split, per_class: int, num_classes: int) -> Split:
+    """The first `per_class` samples of every class, in file order (seed-independent)."""
+    chosen = []
+    for c in range(num_classes):
+        index = torch.nonzero(split.labels == c).flatten()
+        if index.numel() < per_class:
+            raise DataError(f"--samples-per-class {per_class}: class {c} has only {index.numel()} training samples")
+        chosen.append(index[:per_class])
+    keep = torch.cat(chosen).sort().values
+    return Split(split.images[keep], split.labels[keep])

@@ -1,0 +1,108 @@
+"""Feature snapshots at the feature epochs: a per-class sample of clean training
+features and the features of mixup points of a class triple (Fisher, Meng &
+Papyan 2024), plus the geometry numbers logged beside them.
+
+The sample, the triple, its image pairs and the lambda grid are fixed when the
+run starts, so every epoch's snapshot describes the same points.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from collapse_metrics import mixup_geometry
+from data import Split
+from data.batches import Normalizer
+from mixup import default_triple, interpolate, lambda_grid, mixup_grid, triple_pairs
+
+
+def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
+    """Indices of the first `per_class` samples of each class (all samples when 0)."""
+    if per_class == 0:
+        return torch.arange(labels.shape[0])
+    picks = [torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)]
+    return torch.cat(picks).sort().values
+
+
+@contextmanager
+def batch_statistics_without_update(model: torch.nn.Module):
+    """Train-mode batch norm (batch statistics) that leaves the running statistics as they were."""
+    saved = [buffer.clone() for buffer in model.buffers()]
+    was_training = model.training
+    model.train()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for buffer, value in zip(model.buffers(), saved):
+            buffer.copy_(value)
+
+
+class FeatureCapture:
+    """Builds the `features/epoch_XXXX.pkl` payload and the `mixup_geometry` record entry."""
+
+    def __init__(self, train: Split, num_classes: int, cfg, normalize: Normalizer, device):
+        self.normalize, self.device = normalize, device
+        self.mode, self.batch_size = cfg.feature_mode, cfg.eval_batch_size
+        sample = first_per_class(train.labels, cfg.feature_samples_per_class, num_classes)
+        self.sample_index = sample.numpy()
+        self.sample_images = train.images[sample].to(device)
+        self.sample_labels = train.labels[sample].to(device)
+        labels = train.labels.numpy()
+        self.triple = list(cfg.feature_classes) if cfg.feature_classes else default_triple(num_classes, cfg.seed)
+        pair_a, pair_b = triple_pairs(labels, self.triple, cfg.feature_pairs, cfg.seed)
+        self.index_a, self.index_b, self.lam = mixup_grid(pair_a, pair_b, lambda_grid(cfg.feature_lambdas))
+        self.y_a, self.y_b = labels[self.index_a], labels[self.index_b]
+        # Only the images of the pairs live on the device; the grid indexes into them.
+        unique, inverse = np.unique(np.concatenate([self.index_a, self.index_b]), return_inverse=True)
+        self.pair_images = train.images[torch.from_numpy(unique)].to(device)
+        self.local_a, self.local_b = torch.from_numpy(inverse).to(device).chunk(2)
+        self.lam_device = torch.from_numpy(self.lam).float().to(device)
+
+    def mixed_inputs(self) -> torch.Tensor:
+        """lam * x_a + (1 - lam) * x_b on normalised images, as in training."""
+        x = self.normalize(self.pair_images)
+        return interpolate(x[self.local_a], x[self.local_b], self.lam_device)
+
+    def _features(self, model, x, autocast) -> torch.Tensor:
+        chunks = []
+        for start in range(0, x.shape[0], self.batch_size):
+            with autocast():
+                chunks.append(model.features(x[start:start + self.batch_size]).float())
+        return torch.cat(chunks)
+
+    def _mixup_features(self, model, autocast) -> torch.Tensor:
+        x = self.mixed_inputs()
+        if self.mode == "eval":
+            return self._features(model, x, autocast)
+        # One batch, so that the batch statistics are those of all the mixup points together.
+        with batch_statistics_without_update(model), autocast():
+            return model.features(x).float()
+
+    @torch.inference_mode()
+    def capture(self, model, epoch: int, class_means: torch.Tensor, autocast):
+        """(payload for the features pickle, mixup_geometry dict) at this epoch."""
+        model.eval()
+        H_sample = self._features(model, self.normalize(self.sample_images), autocast)
+        H_mix = self._mixup_features(model, autocast)
+        weight = model.classifier.weight.double()
+        bias = model.classifier.bias
+        bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
+        geometry = mixup_geometry(H_mix, self.y_a, self.y_b, self.lam, class_means, weight, bias)
+        payload = {
+            "epoch": epoch,
+            "H": H_sample.cpu().numpy(),
+            "y": self.sample_labels.cpu().numpy(),
+            "sample_index": self.sample_index,
+            "class_means": class_means.cpu().numpy(),
+            "W": weight.cpu().numpy(),
+            "b": bias.cpu().numpy(),
+            "mixup": {
+                "H": H_mix.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.lam,
+                "index_a": self.index_a, "index_b": self.index_b,
+                "triple": list(self.triple), "feature_mode": self.mode,
+            },
+        }
+        return payload, geometry

@@ -1,0 +1,61 @@
+"""Losses over logits (B, C) and a soft-target matrix (B, C), so that every loss works with mixup.
+
+Each returns the mean over the batch of a per-sample loss:
+- cross_entropy: -sum_c t_c log softmax(z)_c, with optional label smoothing.
+- focal (Lin et al. 2017), soft-target form: -sum_c t_c (1 - p_c)^gamma log p_c.
+- mse (Han, Papyan & Donoho 2021): 1/2 sum_c (z_c - kappa t_c)^2.
+- mae: sum_c |z_c - kappa t_c|.
+- smooth_l1: sum_c Huber_1(z_c - kappa t_c)  (torch's smooth_l1 with beta = 1).
+The regression losses act on the logits, like the MSE of the NC literature;
+kappa (--mse-scale) scales their one-hot target.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+import torch.nn.functional as F
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cross_entropy(label_smoothing: float = 0.0, **_) -> LossFn:
+    def loss(logits, targets):
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return loss
+
+
+def focal(focal_gamma: float = 2.0, **_) -> LossFn:
+    def loss(logits, targets):
+        log_p = F.log_softmax(logits, dim=1)
+        weight = (1.0 - log_p.exp()).pow(focal_gamma)
+        return -(targets * weight * log_p).sum(dim=1).mean()
+    return loss
+
+
+def mse(mse_scale: float = 1.0, **_) -> LossFn:
+    def loss(logits, targets):
+        return 0.5 * (logits - mse_scale * targets).square().sum(dim=1).mean()
+    return loss
+
+
+def mae(mse_scale: float = 1.0, **_) -> LossFn:
+    def loss(logits, targets):
+        return (logits - mse_scale * targets).abs().sum(dim=1).mean()
+    return loss
+
+
+def smooth_l1(mse_scale: float = 1.0, **_) -> LossFn:
+    def loss(logits, targets):
+        return F.smooth_l1_loss(logits, mse_scale * targets, reduction="none", beta=1.0).sum(dim=1).mean()
+    return loss
+
+
+LOSSES: Dict[str, Callable[..., LossFn]] = {
+    "cross_entropy": cross_entropy, "mse": mse, "mae": mae, "smooth_l1": smooth_l1, "focal": focal,
+}
+
+
+def build_loss(name: str, **options) -> LossFn:
+    """options: label_smoothing, mse_scale, focal_gamma (each loss takes the ones it uses)."""
+    return LOSSES[name](**options)

@@ -1,0 +1,31 @@
+"""The model contract of DESIGN.md, shared by every architecture."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def scaled(channels: int, width: float) -> int:
+    """Channel count scaled by --width, at least 1."""
+    return max(1, int(round(channels * width)))
+
+
+class FeatureClassifier(nn.Module):
+    """`features(x)` is the penultimate layer (B, d); `classifier` is nn.Linear(d, C).
+
+    forward(x) == classifier(features(x)) by construction; no hooks are used,
+    so the NC pass can take features and logits from one call of `features`.
+    """
+
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, convolutional: bool):
+        super().__init__()
+        self.body = body
+        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.feature_dim = feature_dim
+        self.convolutional = convolutional  # whether channels_last memory format helps
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))

@@ -1,0 +1,16 @@
+"""Multi-layer perceptron: the quick CPU model for the bundled digits."""
+from torch import nn
+
+from .base import FeatureClassifier, scaled
+
+MLP_HIDDEN = 512
+MLP_DEPTH = 3  # hidden layers; the last one's output is the feature layer
+
+
+def mlp(in_channels: int, image_size: int, num_classes: int, width: float = 1.0) -> FeatureClassifier:
+    hidden = scaled(MLP_HIDDEN, width)
+    layers, fan_in = [nn.Flatten()], in_channels * image_size * image_size
+    for _ in range(MLP_DEPTH):
+        layers += [nn.Linear(fan_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True)]
+        fan_in = hidden
+    return FeatureClassifier(nn.Sequential(*layers), hidden, num_classes, convolutional=False)

@@ -1,0 +1,327 @@
+"""The epoch loop: mixup training step, clean evaluation with the NC pass, logging.
+
+Per epoch:
+  1. train on mixed batches; loss and accuracy accumulate on the device and are
+     read once, at the end (the epoch's only host sync);
+  2. one clean pass per split (eval mode, inference mode, large batches) gives
+     the features; from them, in float64, the logits (loss, accuracy,
+     calibration) and the NC metrics;
+  3. the record is appended to metrics.pkl, and at the feature epochs the
+     features pickle is written; a checkpoint follows every --checkpoint-every.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import capture_state
+from collapse_metrics import nc_statistics
+from data import Split
+from data.batches import Normalizer, TrainBatches, eval_batches
+from distributed import DistContext
+from feature_capture import FeatureCapture
+from mixup import mixup_batch, sample_lambdas
+
+ECE_BINS = 15
+PROGRESS_REFRESH_S = 0.5  # how often the bar asks the device for running loss/accuracy
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the epoch in progress is abandoned."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class Diverged(Exception):
+    """The training loss became non-finite (and --allow-nonfinite was not given)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"epoch {epoch}")
+        self.epoch = epoch
+
+
+class StopFlag:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps; a second signal acts at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+@dataclass
+class Generators:
+    data: torch.Generator   # shuffling and crop/flip, on the device
+    pairs: torch.Generator  # mixup partner permutations, on the device
+    lam: np.random.Generator  # mixup weights, drawn per epoch on the host
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built by main.py."""
+    cfg: object
+    num_classes: int
+    model: torch.nn.Module        # the bare model: evaluation, features, state dicts
+    step_model: torch.nn.Module   # what the training step calls (DDP / compiled wrapper or the model)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: Callable
+    batches: TrainBatches
+    eval_splits: Dict[str, Split]  # this process's shard of each clean split, on the device
+    normalize: Normalizer
+    generators: Generators
+    device: torch.device
+    autocast: Callable
+    dist: DistContext
+    capture: Optional[FeatureCapture]
+    nc_epochs: set
+    feature_epochs: set
+    log: object                   # RunLog: writes the run folder (no-op on non-main processes)
+    stop: StopFlag = field(default_factory=StopFlag)
+    history: List[dict] = field(default_factory=list)
+
+
+def make_autocast(device: torch.device, enabled: bool) -> Callable:
+    """bf16 autocast on the device when --amp, else a no-op context."""
+    if not enabled:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+class LaggedReadout:
+    """Running loss/accuracy for the progress bar, copied off the device without waiting for it.
+
+    On CUDA a non-blocking copy into pinned memory is started and read at a
+    later refresh, once its event has completed; the training loop never blocks.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.host = torch.zeros(3, dtype=torch.float64, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.pending = False
+        self.last: Optional[list] = None
+
+    def poll(self, totals: torch.Tensor) -> Optional[list]:
+        if not self.cuda:
+            return totals.tolist()
+        if self.pending and self.event.query():
+            self.last, self.pending = self.host.tolist(), False
+        if not self.pending:
+            self.host.copy_(totals, non_blocking=True)
+            self.event.record()
+            self.pending = True
+        return self.last
+
+
+def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
+    """One pass of mixup training; returns device totals (loss * n, weighted correct, n)."""
+    cfg, model, device = run.cfg, run.step_model, run.device
+    batches = run.batches
+    model.train()
+    lams = sample_lambdas(run.generators.lam, cfg.mixup_alpha, len(batches), batches.batch_size,
+                          cfg.mixup_per_sample)
+    lams = torch.from_numpy(lams).float().to(device, non_blocking=True)  # one copy for the epoch
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    readout = LaggedReadout(device)
+    bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+               disable=not (cfg.progress and run.dist.is_main), dynamic_ncols=True)
+    start = last_refresh = time.perf_counter()
+    seen = 0
+    for step, (x, y) in enumerate(batches):
+        if run.stop.requested and not run.dist.enabled:
+            bar.close()
+            raise Interrupted(run.stop.signum)
+        if cfg.mixup_alpha > 0:
+            x, targets = mixup_batch(x, y, lams[step, :y.shape[0]] if cfg.mixup_per_sample else lams[step],
+                                     run.generators.pairs, run.num_classes)
+        else:
+            targets = F.one_hot(y, run.num_classes).float()
+        with run.autocast():
+            logits = model(x)
+        loss = run.loss_fn(logits.float(), targets)
+        run.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        run.optimizer.step()
+        with torch.no_grad():
+            # credit lam for predicting y_a and 1 - lam for y_b: the mixup analogue of accuracy
+            credit = targets.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
+            totals += torch.stack([loss.detach().double() * y.shape[0], credit.double(),
+                                   torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+        seen += y.shape[0]
+        bar.update(1)
+        now = time.perf_counter()
+        if bar.disable is False and now - last_refresh > PROGRESS_REFRESH_S:
+            last_refresh = now
+            values = readout.poll(totals)
+            postfix = {"img/s": f"{seen / (now - start):.0f}"}
+            if values and values[2]:
+                postfix.update(loss=f"{values[0] / values[2]:.4f}", acc=f"{values[1] / values[2]:.3f}")
+            bar.set_postfix(postfix, refresh=False)
+    bar.close()
+    return totals
+
+
+@torch.inference_mode()
+def collect_features(model, split: Split, batch_size: int, normalize: Normalizer, autocast) -> torch.Tensor:
+    """Penultimate features (N, d) of a clean split, float32, in eval mode."""
+    model.eval()
+    H = torch.empty(len(split), model.feature_dim, dtype=torch.float32, device=split.labels.device)
+    start = 0
+    for x, _ in eval_batches(split.images, split.labels, batch_size, normalize):
+        with autocast():
+            H[start:start + x.shape[0]] = model.features(x).float()
+        start += x.shape[0]
+    return H
+
+
+def _calibration_sums(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-bin (count, sum of confidence, sum of correct) over ECE_BINS equal-width bins."""
+    confidence, predicted = logits.softmax(dim=1).max(dim=1)
+    bins = (confidence * ECE_BINS).ceil().long().clamp(1, ECE_BINS) - 1
+    sums = torch.zeros(3, ECE_BINS, dtype=torch.float64, device=logits.device)
+    sums[0].index_add_(0, bins, torch.ones_like(confidence))
+    sums[1].index_add_(0, bins, confidence)
+    sums[2].index_add_(0, bins, (predicted == labels).double())
+    return sums
+
+
+def calibration_record(sums: torch.Tensor) -> dict:
+    """ECE and the reliability-diagram numbers from summed bins (NaN for empty bins)."""
+    count, confidence, correct = sums.tolist()
+    total = sum(count)
+    mean = lambda values: [v / n if n else math.nan for v, n in zip(values, count)]
+    ece = sum(abs(a - c) for a, c, n in zip(correct, confidence, count) if n) / total if total else math.nan
+    return {"ece": ece, "bin_edges": np.linspace(0, 1, ECE_BINS + 1).tolist(), "bin_counts": [int(n) for n in count],
+            "bin_confidence": mean(confidence), "bin_accuracy": mean(correct)}
+
+
+@torch.inference_mode()
+def measure(run: Run, with_nc: bool) -> tuple:
+    """Clean loss/accuracy of both splits, test calibration and (optionally) NC metrics.
+
+    Returns (record fields, training class means or None).
+    """
+    model, cfg = run.model, run.cfg
+    weight = model.classifier.weight.double()
+    bias = model.classifier.bias
+    bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=run.device) if bias is None else bias.double()
+    fields, nc, train_means = {}, {}, None
+    for name in ("train", "test"):
+        split = run.eval_splits[name]
+        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.autocast)
+        if with_nc:
+            result = nc_statistics(H, split.labels, weight, bias, run.num_classes, class_means=train_means,
+                                   all_reduce=run.dist.all_reduce)
+            logits, nc[name] = result.logits, result.metrics
+            if name == "train":
+                train_means = result.class_means
+        else:
+            logits = H.double() @ weight.T + bias
+        targets = F.one_hot(split.labels, run.num_classes).double()
+        sums = torch.stack([run.loss_fn(logits, targets) * len(split),
+                            (logits.argmax(dim=1) == split.labels).sum().double(),
+                            torch.tensor(float(len(split)), dtype=torch.float64, device=run.device)])
+        run.dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
+        fields[f"{name}_loss"], fields[f"{name}_acc"] = loss_sum / count, correct / count
+        if name == "test":
+            bins = _calibration_sums(logits, split.labels)
+            run.dist.all_reduce(bins)
+            calibration = calibration_record(bins)
+            fields["test_ece"], fields["test_calibration"] = calibration.pop("ece"), calibration
+    fields["nc"] = nc if with_nc else None
+    return fields, train_means
+
+
+def measure_epoch(run: Run, epoch: int, lr: float) -> dict:
+    """The record of one epoch's measurement, plus the features pickle at feature epochs."""
+    with_features = epoch in run.feature_epochs
+    start = time.perf_counter()
+    fields, train_means = measure(run, with_nc=epoch in run.nc_epochs or with_features)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    record = {"epoch": epoch, "lr": lr, "nc_time_s": time.perf_counter() - start, **fields}
+    if with_features and run.capture is not None:
+        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.autocast)
+        run.log.write_features(epoch, payload)
+    return record
+
+
+def current_lr(run: Run) -> float:
+    return run.optimizer.param_groups[0]["lr"]
+
+
+def run_epochs(run: Run, start_epoch: int) -> str:
+    """Train from `start_epoch` + 1 to cfg.epochs; returns the final status.
+
+    Raises Interrupted or Diverged; the run folder then holds every finished epoch.
+    """
+    cfg = run.cfg
+    if start_epoch == 0 and not run.history:
+        record = measure_epoch(run, 0, current_lr(run))
+        record.update(time_s=0.0, mixup_loss=None, mixup_acc=None, status="ok")
+        finish_epoch(run, record)
+    for epoch in range(start_epoch + 1, cfg.epochs + 1):
+        lr = current_lr(run)
+        start = time.perf_counter()
+        totals = train_one_epoch(run, epoch)
+        run.scheduler.step()
+        run.dist.all_reduce(totals)
+        loss_sum, credit, count = totals.tolist()  # the epoch's one host sync
+        time_s = time.perf_counter() - start
+        if run.dist.any(run.stop.requested, run.device):
+            raise Interrupted(run.stop.signum or signal.SIGTERM)
+        diverged = not math.isfinite(loss_sum)
+        record = measure_epoch(run, epoch, lr)
+        record.update(time_s=time_s, mixup_loss=loss_sum / count, mixup_acc=credit / count,
+                      status="diverged" if diverged else "ok")
+        finish_epoch(run, record)
+        if diverged and not cfg.allow_nonfinite:
+            raise Diverged(epoch)
+        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
+            run.log.write_checkpoint(capture_state(run, epoch))
+    return "complete"
+
+
+def finish_epoch(run: Run, record: dict) -> None:
+    run.history.append(record)
+    run.log.write_metrics(run.history, "running")
+    if run.dist.is_main:
+        print(summary_line(record, run.cfg.epochs), flush=True)
+
+
+def summary_line(record: dict, epochs: int) -> str:
+    parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}", f"lr {record['lr']:.3g}"]
+    if record.get("mixup_loss") is not None:
+        parts.append(f"mixup loss {record['mixup_loss']:.4f}")
+    parts += [f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}",
+              f"test acc {record['test_acc']:.4f} ece {record['test_ece']:.3f}"]
+    if record["nc"]:
+        parts.append(f"NC1 {record['nc']['train']['nc1']:.4g}")
+    parts.append(f"{record['time_s']:.1f}s + {record['nc_time_s']:.1f}s eval")
+    if record["status"] != "ok":
+        parts.append(record["status"].upper())
+    return " | ".join(parts)
