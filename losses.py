@@ -28,7 +28,10 @@ def cross_entropy(label_smoothing: float = 0.0, **_) -> LossFn:
 def focal(focal_gamma: float = 2.0, **_) -> LossFn:
     def loss(logits, targets):
         log_p = F.log_softmax(logits, dim=1)
-        weight = (1.0 - log_p.exp()).pow(focal_gamma)
+        # 1 - p as -expm1(log p): exact near p = 1; the floor keeps d/dp (1-p)^gamma finite
+        # for gamma < 1 once p saturates to 1 (else 0 * inf = NaN gradients).
+        one_minus_p = (-torch.expm1(log_p)).clamp(min=torch.finfo(log_p.dtype).tiny)
+        weight = one_minus_p.pow(focal_gamma)
         return -(targets * weight * log_p).sum(dim=1).mean()
     return loss
 

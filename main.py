@@ -8,6 +8,7 @@ Exit status: 0 complete, 1 data or file error, 2 bad flags, 3 diverged,
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -20,18 +21,17 @@ from typing import List, Optional
 
 import numpy as np
 import torch
-import torchvision
 
 from checkpoint import restore_state
 from cli import RESUMABLE_CHANGES, UsageError, default_feature_epochs, parse_args
 from collapse_metrics import simplex_etf
-from data import DataError, DatasetInfo, Split, balanced_subset, load_dataset
+from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
 from data.batches import Normalizer, TrainBatches, channel_stats
 from distributed import DistContext, init_from_environment, shard_indices, shutdown
 from feature_capture import FeatureCapture
 from losses import build_loss
 from models import build_model
-from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, read_checkpoint
+from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, lock_run_folder, read_checkpoint
 from train import Diverged, Generators, Interrupted, Run, make_autocast, run_epochs
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
@@ -192,6 +192,14 @@ def git_commit() -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def package_version(name: str) -> Optional[str]:
+    """Installed version without importing the package (torchvision takes seconds to import)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def resolved_config(args, flags: dict, argv, info: DatasetInfo, run: Run, train: Split, test: Split) -> dict:
     config = dict(vars(args))
     config.update(
@@ -203,7 +211,8 @@ def resolved_config(args, flags: dict, argv, info: DatasetInfo, run: Run, train:
         num_parameters=sum(p.numel() for p in run.model.parameters()),
         device=str(run.device), world_size=run.dist.world,
         device_name=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
-        torch_version=torch.__version__, torchvision_version=torchvision.__version__,
+        # str(): torch.__version__ is a TorchVersion object, and pickles hold builtins only
+        torch_version=str(torch.__version__), torchvision_version=package_version("torchvision"),
         python_version=platform.python_version(), git_commit=git_commit(),
     )
     return config
@@ -229,6 +238,8 @@ def open_run_folder(args, folder: str, dist: DistContext):
     if exists and not (args.resume or args.overwrite):
         raise UsageError(f"run folder {folder} already exists; pass --resume to continue it "
                          f"or --overwrite to replace it")
+    if exists and dist.is_main:
+        lock_run_folder(folder).close()  # refuse a folder another job is writing, before touching it
     if not args.resume:
         if exists and dist.is_main:
             shutil.rmtree(folder)
@@ -237,7 +248,8 @@ def open_run_folder(args, folder: str, dist: DistContext):
         raise UsageError(f"--resume: nothing to resume at {folder}")
     checkpoint = os.path.join(folder, CHECKPOINT_FILE)
     if not os.path.isfile(checkpoint):
-        print(f"{folder} has no checkpoint yet; starting it again from epoch 0", flush=True)
+        if os.path.isfile(os.path.join(folder, METRICS_FILE)):
+            print(f"{folder} has no checkpoint yet; starting it again from epoch 0", flush=True)
         return None
     try:
         return read_checkpoint(checkpoint)
@@ -267,8 +279,6 @@ def execute(args, argv) -> int:
 
 
 def train_in_folder(args, argv, device, dist: DistContext) -> int:
-    from data import DATASETS
-
     info = DATASETS[args.dataset][0]
     flags = resolve_defaults(args, info, device)
     configure_backends(args, device)

@@ -7,6 +7,7 @@ leaves either the previous complete file or the new one, never half of one.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import json
 import os
@@ -22,6 +23,7 @@ CONFIG_FILE = "config.json"
 CHECKPOINT_FILE = "checkpoint.pt"
 FEATURES_DIR = "features"
 TEMP_PREFIX = ".partial-"
+LOCK_FILE = ".lock"
 
 
 class RunIOError(Exception):
@@ -78,6 +80,21 @@ def remove_partials(folder: str) -> None:
                 os.remove(os.path.join(root, name))
 
 
+def lock_run_folder(folder: str):
+    """Hold an exclusive lock on the run folder for this process's lifetime.
+
+    Two jobs writing one run folder (two sweeps, or a sweep and a manual
+    --resume) would interleave their epochs; the second one is refused.
+    """
+    handle = open(os.path.join(folder, LOCK_FILE), "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunIOError(f"run folder {folder} is in use by another process") from None
+    return handle
+
+
 def metrics_document(config: dict, epochs: list, status: str) -> dict:
     return {"schema_version": SCHEMA_VERSION, "status": status, "config": config, "epochs": epochs}
 
@@ -99,6 +116,7 @@ class RunLog:
             os.makedirs(self.path(FEATURES_DIR), exist_ok=True)
         except OSError as error:
             raise RunIOError(f"cannot create run folder {self.folder}: {error.strerror or error}") from None
+        self._lock = lock_run_folder(self.folder)
         remove_partials(self.folder)
         write_json(self.path(CONFIG_FILE), self.config)
 

@@ -12,6 +12,7 @@ Per epoch:
 from __future__ import annotations
 
 import math
+import os
 import signal
 import time
 from contextlib import nullcontext
@@ -52,19 +53,29 @@ class Diverged(Exception):
 
 
 class StopFlag:
-    """Turns SIGINT/SIGTERM into a flag the loop checks between steps; a second signal acts at once."""
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps.
+
+    A repeat of the signal within REPEAT_GRACE_S is ignored (a job scheduler
+    and a sweep may both forward one); a later repeat exits at once, which
+    loses nothing: every file in the run folder is replaced atomically.
+    """
+    REPEAT_GRACE_S = 1.0
 
     def __init__(self):
         self.signum: Optional[int] = None
-        self._previous = {}
+        self._first_at = 0.0
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._previous[signum] = signal.signal(signum, self._handle)
+            signal.signal(signum, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        now = time.monotonic()
+        if self.signum is None:
+            self.signum, self._first_at = signum, now
+        elif now - self._first_at > self.REPEAT_GRACE_S:
+            os.write(2, f"main.py: second {signal.Signals(signum).name}: stopping now\n".encode())
+            os._exit(128 + signum)
 
     @property
     def requested(self) -> bool:

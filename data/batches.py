@@ -14,10 +14,21 @@ CROP_PADDING = 4  # pixels of zero padding before the random crop (standard CIFA
 
 
 def channel_stats(images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of uint8 images, on the 0..255 scale, in float64."""
-    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()
-    std = flat.std(dim=1)
-    return flat.mean(dim=1), torch.where(std > 0, std, torch.ones_like(std))
+    """Per-channel mean and (unbiased) std of uint8 images, on the 0..255 scale, in float64.
+
+    Computed exactly from each channel's 256-bin histogram, so a CIFAR-sized split
+    needs no float64 copy of its pixels (1.2 GB). A constant channel gets std 1.
+    """
+    values = torch.arange(256, dtype=torch.float64, device=images.device)
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).double()
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        means.append(mean)
+        stds.append(((counts * (values - mean).square()).sum() / (n - 1)).sqrt())
+    mean, std = torch.stack(means), torch.stack(stds)
+    return mean, torch.where(std > 0, std, torch.ones_like(std))
 
 
 class Normalizer:

@@ -93,31 +93,60 @@ DATASETS: Dict[str, Tuple[DatasetInfo, Callable, Tuple[str, ...]]] = {
 }
 
 
+# What reading a missing, truncated or foreign file raises inside torchvision, pickle,
+# scipy.io or torch.frombuffer (a garbage pickle alone can raise most of these).
+READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError,
+               AttributeError, ImportError, AssertionError, pickle.UnpicklingError)
+
+
+def _read_errors() -> tuple:
+    try:
+        from scipy.io.matlab import MatReadError  # SVHN's .mat files; not an OSError/ValueError
+    except ImportError:
+        return READ_ERRORS
+    return READ_ERRORS + (MatReadError,)
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 def load_dataset(name: str, data_dir: str, download: bool) -> Tuple[DatasetInfo, Split, Split]:
     """Read both splits on the CPU; raise DataError with one line if that fails."""
     info, loader, markers = DATASETS[name]
     present = [m for m in markers if os.path.exists(os.path.join(data_dir, m))]
     try:
         train, test = loader(data_dir, download)
-    except RuntimeError as error:
+    except _read_errors() as error:
+        reason = _one_line(error)
         if download:
-            raise DataError(f"{name}: download or check under {data_dir!r} failed: {error}") from None
+            raise DataError(f"{name}: download or check under --data-dir {data_dir!r} failed ({reason})") from None
         if not present:
             raise DataError(f"{name} is not under --data-dir {data_dir!r}; add --download to fetch it") from None
-        raise DataError(f"{name} files under {data_dir!r} are corrupt ({error}); "
+        raise DataError(f"{name} files under --data-dir {data_dir!r} are corrupt or unreadable ({reason}); "
                         f"delete {', '.join(present)} and rerun with --download") from None
-    except (OSError, EOFError, ValueError, KeyError, IndexError, pickle.UnpicklingError) as error:
-        # torchvision parses the files itself; a truncated or foreign file fails in any of these.
-        raise DataError(f"{name} files under {data_dir!r} are corrupt or unreadable "
-                        f"({type(error).__name__}: {error}); delete them and rerun with --download") from None
-    _check_labels(name, info.num_classes, train, test)
+    problem = _shape_problem(info, train, test) or _label_problem(info.num_classes, train, test)
+    if problem:
+        raise DataError(f"{name} files under --data-dir {data_dir!r} are corrupt ({problem}); "
+                        f"delete {', '.join(present) or 'them'} and rerun with --download")
     return info, train, test
 
 
-def _check_labels(name, num_classes, *splits):
+def _shape_problem(info: DatasetInfo, *splits) -> str:
+    expected = (info.channels, info.image_size, info.image_size)
+    for split in splits:
+        if tuple(split.images.shape[1:]) != expected or split.images.shape[0] != split.labels.shape[0]:
+            return (f"images of shape {tuple(split.images.shape)} with {split.labels.shape[0]} labels, "
+                    f"expected (N, {', '.join(map(str, expected))})")
+    return ""
+
+
+def _label_problem(num_classes: int, *splits) -> str:
     for split in splits:
         if len(split) and (split.labels.min() < 0 or split.labels.max() >= num_classes):
-            raise DataError(f"{name}: labels outside 0..{num_classes - 1}; the files are corrupt")
+            return f"labels outside 0..{num_classes - 1}"
+    return ""
 
 
 def balanced_subset(split: Split, per_class: int, num_classes: int) -> Split:

@@ -1,22 +1,25 @@
-"""Model registry: name -> builder(in_channels, image_size, num_classes, width) -> FeatureClassifier."""
-from .base import FeatureClassifier
-from .mlp import mlp
-from .resnet import resnet18, resnet34, resnet50
-from .vgg import vgg11_bn, vgg16_bn
-from .vit import vit_b_4, vit_tiny_4
-from .wrn import wrn16_8, wrn28_10, wrn40_10
+"""Model registry: name -> builder(in_channels, image_size, num_classes, width) -> FeatureClassifier.
 
+Builders are imported on first use: importing torchvision costs seconds, and
+the default MLP run (and every `--help`) should not pay for it.
+"""
+import importlib
+
+from .base import FeatureClassifier
+
+# name -> submodule that defines a builder function of the same name
 MODELS = {
-    "mlp": mlp,
-    "resnet18": resnet18, "resnet34": resnet34, "resnet50": resnet50,
-    "wrn16_8": wrn16_8, "wrn28_10": wrn28_10, "wrn40_10": wrn40_10,
-    "vgg11_bn": vgg11_bn, "vgg16_bn": vgg16_bn,
-    "vit_b_4": vit_b_4, "vit_tiny_4": vit_tiny_4,
+    "mlp": "mlp",
+    "resnet18": "resnet", "resnet34": "resnet", "resnet50": "resnet",
+    "wrn16_8": "wrn", "wrn28_10": "wrn", "wrn40_10": "wrn",
+    "vgg11_bn": "vgg", "vgg16_bn": "vgg",
+    "vit_b_4": "vit", "vit_tiny_4": "vit",
 }
 
 
 def build_model(name: str, in_channels: int, image_size: int, num_classes: int, width: float = 1.0) -> FeatureClassifier:
-    return MODELS[name](in_channels, image_size, num_classes, width)
+    builder = getattr(importlib.import_module(f".{MODELS[name]}", __name__), name)
+    return builder(in_channels, image_size, num_classes, width)
 
 
 __all__ = ["MODELS", "FeatureClassifier", "build_model"]

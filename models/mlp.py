@@ -3,7 +3,7 @@ from torch import nn
 
 from .base import FeatureClassifier, scaled
 
-MLP_HIDDEN = 512
+MLP_HIDDEN = 256
 MLP_DEPTH = 3  # hidden layers; the last one's output is the feature layer
 
 

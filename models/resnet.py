@@ -1,4 +1,5 @@
 """ResNet-18/34/50 on torchvision's ResNet, with the CIFAR stem and --width scaling."""
+import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -9,7 +10,10 @@ RESNET_PLANES = (64, 128, 256, 512)
 
 def _cifar_resnet(block, layers, in_channels, num_classes, width):
     planes = [scaled(p, width) for p in RESNET_PLANES]
-    body = ResNet(block, layers)
+    # torchvision's constructor builds (and initialises) the full-width network; on the meta
+    # device that costs nothing, and every module with parameters is replaced below.
+    with torch.device("meta"):
+        body = ResNet(block, layers)
     # CIFAR stem: 3x3 stride-1 conv and no max-pool (He et al. 2016, section 4.2),
     # then torchvision's own stages rebuilt at the scaled widths.
     body.inplanes = planes[0]
@@ -21,6 +25,7 @@ def _cifar_resnet(block, layers, in_channels, num_classes, width):
     body.layer3 = body._make_layer(block, planes[2], layers[2], stride=2)
     body.layer4 = body._make_layer(block, planes[3], layers[3], stride=2)
     body.fc = nn.Identity()  # torchvision's forward then ends at the pooled features
+    assert not any(t.is_meta for t in list(body.parameters()) + list(body.buffers()))
     for module in body.modules():  # torchvision's initialisation, for the rebuilt layers
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

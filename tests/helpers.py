@@ -1,0 +1,44 @@
+"""Helpers shared by the end-to-end tests: tiny runs of main.py, in process or as a child."""
+import math
+import os
+import pickle
+import subprocess
+import sys
+
+import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A digits run that finishes in about a second: a 26-unit MLP.
+TINY = ["--dataset", "digits", "--width", "0.1", "--no-progress"]
+TIMING_KEYS = ("time_s", "nc_time_s")
+# One thread: results bit-identical whatever else the machine runs.
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def run_main(argv):
+    """main.main(argv) as an exit code, including argparse's own exits."""
+    try:
+        return main.main(list(argv))
+    except SystemExit as stop:
+        return stop.code
+
+
+def spawn_main(argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, env=CHILD_ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+def load(path):
+    with open(path, "rb") as handle:
+        return pickle.load(handle)
+
+
+def without_timings(value):
+    """A record tree with timings dropped and NaN made comparable (NaN != NaN)."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return "nan"
+    return value

@@ -1,0 +1,249 @@
+"""Reliability: exact resume after any interruption, nothing overwritten, one clear line per bad input."""
+import errno
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import run_io
+from helpers import CHILD_ENV, ROOT, TINY, load, run_main, spawn_main, without_timings
+
+# 84 steps of 16 per epoch: long enough to be killed in the middle of one.
+RESUMABLE = [*TINY, "--epochs", "5", "--batch-size", "16", "--feature-epochs", "1,3,5"]
+CHILD_TIMEOUT_S = 240
+
+
+def _argv(out, name, *extra):
+    return [*RESUMABLE, "--out-dir", str(out), "--run-name", name, *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, made in a child process like the interrupted ones."""
+    out = tmp_path_factory.mktemp("reference")
+    child = spawn_main(_argv(out, "full"))
+    _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 0, err
+    return os.path.join(out, "full")
+
+
+def _wait_for_epoch(child, epoch):
+    """Read the child's stdout until its summary line of `epoch` appears."""
+    for line in child.stdout:
+        if line.startswith(f"epoch {epoch}/"):
+            return
+    raise AssertionError(f"child ended before epoch {epoch}: {child.stderr.read()}")
+
+
+def _resume_and_compare(out, name, reference):
+    code = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *_argv(out, name, "--resume")],
+                          cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert code.returncode == 0, code.stderr
+    resumed = load(os.path.join(out, name, "metrics.pkl"))
+    assert resumed["status"] == "complete"
+    expected = load(os.path.join(reference, "metrics.pkl"))
+    assert without_timings(resumed["epochs"]) == without_timings(expected["epochs"])
+    for epoch in (1, 3, 5):  # the features pickles too
+        path = os.path.join("features", f"epoch_{epoch:04d}.pkl")
+        got, want = load(os.path.join(out, name, path)), load(os.path.join(reference, path))
+        assert (got["H"] == want["H"]).all() and (got["mixup"]["H"] == want["mixup"]["H"]).all()
+    assert not [f for f in os.listdir(os.path.join(out, name)) if f.startswith(run_io.TEMP_PREFIX)]
+    return resumed
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_resume_after_signal_is_bit_identical(tmp_path, reference, signum):
+    child = spawn_main(_argv(tmp_path, "stopped"))
+    _wait_for_epoch(child, 2)
+    child.send_signal(signum)
+    _, err = child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == 128 + signum
+    assert "--resume" in err.strip().splitlines()[-1]
+    stopped = load(os.path.join(tmp_path, "stopped", "metrics.pkl"))
+    assert stopped["status"] == "interrupted" and stopped["epochs"][-1]["epoch"] >= 2
+    _resume_and_compare(tmp_path, "stopped", reference)
+
+
+def test_resume_after_sigkill_mid_epoch_is_bit_identical(tmp_path, reference):
+    child = spawn_main(_argv(tmp_path, "killed"))
+    _wait_for_epoch(child, 2)
+    time.sleep(0.05)  # into epoch 3's training steps
+    child.kill()
+    child.communicate(timeout=CHILD_TIMEOUT_S)
+    assert load(os.path.join(tmp_path, "killed", "metrics.pkl"))["status"] == "running"
+    _resume_and_compare(tmp_path, "killed", reference)
+
+
+# A child whose fourth pickle write stops half-way with SIGKILL, as a power cut would.
+KILLED_MID_WRITE = textwrap.dedent("""
+    import os, pickle, signal, sys
+    sys.path.insert(0, {root!r})
+    real_dump, calls = pickle.dump, [0]
+    def dump_then_die(obj, handle, protocol=None):
+        calls[0] += 1
+        if calls[0] == 4:
+            data = pickle.dumps(obj, protocol=protocol)
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_dump(obj, handle, protocol=protocol)
+    pickle.dump = dump_then_die
+    import main
+    sys.exit(main.main({argv!r}))
+""")
+
+
+def test_resume_after_sigkill_mid_pickle_write_is_bit_identical(tmp_path, reference):
+    script = KILLED_MID_WRITE.format(root=ROOT, argv=_argv(tmp_path, "cut"))
+    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=CHILD_ENV, capture_output=True,
+                           text=True, timeout=CHILD_TIMEOUT_S)
+    assert child.returncode == -signal.SIGKILL
+    folder = os.path.join(tmp_path, "cut")
+    assert [f for f in os.listdir(folder) if f.startswith(run_io.TEMP_PREFIX)]  # the half-written file
+    survivor = load(os.path.join(folder, "metrics.pkl"))  # the previous complete copy
+    assert survivor["epochs"] and survivor["status"] == "running"
+    _resume_and_compare(tmp_path, "cut", reference)
+
+
+def test_resume_refuses_changed_flags_and_names_them(tmp_path, capsys):
+    assert run_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    capsys.readouterr()
+    code = run_main([*TINY, "--epochs", "2", "--lr", "0.2", "--loss", "mse", "--out-dir", str(tmp_path),
+                     "--run-name", "r", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "--lr 0.2 (saved 0.05)" in err[0] and "--loss 'mse' (saved 'cross_entropy')" in err[0]
+
+
+def test_resume_extends_a_complete_run(tmp_path):
+    argv = [*TINY, "--out-dir", str(tmp_path), "--run-name", "r", "--scheduler", "constant"]
+    assert run_main([*argv, "--epochs", "1"]) == 0
+    assert run_main([*argv, "--epochs", "2", "--resume"]) == 0
+    document = load(os.path.join(tmp_path, "r", "metrics.pkl"))
+    assert [r["epoch"] for r in document["epochs"]] == [0, 1, 2] and document["status"] == "complete"
+
+
+def test_existing_run_folder_is_never_overwritten_without_a_flag(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 0
+    folder = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--resume" in err[0] and "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
+    assert run_main([*argv, "--overwrite"]) == 0
+
+
+def test_diverged_run_stops_and_keeps_earlier_epochs(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "3", "--lr", "1e6", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite" in err[0]
+    document = load(os.path.join(tmp_path, "r", "metrics.pkl"))
+    assert document["status"] == "diverged"
+    assert [r["status"] for r in document["epochs"]] == ["ok", "diverged"]
+    assert document["epochs"][1]["nc"]["train"]["nan_reasons"]  # NaN metrics say why
+
+
+def test_allow_nonfinite_keeps_training(tmp_path):
+    argv = [*TINY, "--epochs", "2", "--lr", "1e6", "--out-dir", str(tmp_path), "--run-name", "r",
+            "--allow-nonfinite"]
+    assert run_main(argv) == 0
+    document = load(os.path.join(tmp_path, "r", "metrics.pkl"))
+    assert document["status"] == "complete" and len(document["epochs"]) == 3
+
+
+def test_full_disk_keeps_the_last_good_pickle(tmp_path, capsys, monkeypatch):
+    real_dump, calls = pickle.dump, [0]
+
+    def dump_until_disk_full(obj, handle, protocol=None):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_dump(obj, handle, protocol=protocol)
+
+    monkeypatch.setattr(run_io.pickle, "dump", dump_until_disk_full)
+    argv = [*TINY, "--epochs", "4", "--feature-epochs", "4", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "out of disk space" in err[0] and "metrics.pkl" in err[0]
+    monkeypatch.undo()
+    survivor = load(os.path.join(tmp_path, "r", "metrics.pkl"))
+    assert [r["epoch"] for r in survivor["epochs"]] == [0, 1]
+    assert not [f for f in os.listdir(tmp_path / "r") if f.startswith(run_io.TEMP_PREFIX)]
+
+
+BAD_INPUTS = [
+    (["--dataset", "imagenet"], 2, "choose from"),
+    (["--model", "resnet9"], 2, "choose from"),
+    (["--loss", "hinge"], 2, "choose from"),
+    (["--epochs", "0"], 2, "--epochs"),
+    (["--epochs", "-3"], 2, "--epochs"),
+    (["--mixup-alpha", "-1"], 2, "--mixup-alpha"),
+    (["--lr", "fast"], 2, "--lr"),
+    (["--batch-size", "0"], 2, "--batch-size"),
+    (["--batch-size", "5000"], 2, "larger than the training set"),
+    (["--epochs", "3", "--feature-epochs", "1,4"], 2, "--feature-epochs"),
+    (["--feature-classes", "1,2,10"], 2, "--feature-classes"),
+    (["--feature-classes", "1,1,2"], 2, "--feature-classes"),
+    (["--milestones", "0.5,0.3"], 2, "--milestones"),
+    (["--resume", "--overwrite"], 2, "--resume"),
+    (["--device", "tpu"], 2, "--device"),
+]
+
+
+@pytest.mark.parametrize("flags,code,phrase", BAD_INPUTS, ids=[" ".join(f) for f, _, _ in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_no_run_folder(tmp_path, capsys, flags, code, phrase):
+    out = tmp_path / "runs"
+    assert run_main([*TINY, "--epochs", "2", "--out-dir", str(out), *flags]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and phrase in err[0] and "Traceback" not in err[0]
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu_is_a_usage_error(tmp_path, capsys):
+    assert run_main([*TINY, "--device", "cuda", "--out-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_unwritable_out_dir_gets_one_line(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    assert run_main([*TINY, "--epochs", "1", "--out-dir", str(blocker / "runs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot create run folder" in err[0]
+
+
+def test_corrupt_dataset_files_get_one_line(tmp_path, capsys):
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in ("data_batch_1", "batches.meta", "test_batch"):
+        (folder / name).write_bytes(b"not a pickle")
+    code = run_main(["--dataset", "cifar10", "--epochs", "1", "--data-dir", str(tmp_path / "data"),
+                     "--out-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "corrupt" in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_second_job_on_a_running_folder_is_refused(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 0
+    holder = run_io.lock_run_folder(str(tmp_path / "r"))  # as a job still writing it would
+    try:
+        capsys.readouterr()
+        assert run_main([*argv, "--resume", "--epochs", "2"]) == 1
+        assert "in use by another process" in capsys.readouterr().err
+    finally:
+        holder.close()
