@@ -31,6 +31,15 @@ class UsageError(Exception):
     """A flag value that cannot run; main.py prints it on one line and exits 2."""
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows "(default: X)" only where the help does not already say what the default is."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors in one line on stderr (no usage block) and exits 2."""
 
@@ -90,7 +99,7 @@ for _parser_type, _name in ((_positive_int, "positive int"), (_nonnegative_int, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
-        prog="main.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="main.py", formatter_class=DefaultsFormatter,
         description="Train a classifier with mixup and measure neural collapse (NC1-NC4) after every epoch.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="NAME",
@@ -176,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the training step (drops the ragged last batch for a fixed shape)")
     runtime.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                         help="channels_last memory format for the conv nets (default on)")
+                         help="channels_last memory format for the conv nets; default on for CUDA, off on CPU")
     runtime.add_argument("--deterministic", action="store_true",
                          help="deterministic algorithms and no cudnn autotuning (slower on GPU)")
     runtime.add_argument("--sync-bn", action="store_true", help="synchronise batch norm across torchrun processes")

@@ -23,20 +23,29 @@ Notation (Papyan, Han & Donoho 2020; DESIGN.md). H is (N, d), y is (N,), W is
     tr_sigma_w, tr_sigma_b   Tr(Sigma_W), Tr(Sigma_B)
 
 How it is computed, and why:
-- Everything is float64. Features are converted chunk by chunk, and centred
-  on mu_G before any product, so a large common offset (features around 1e4)
-  costs no precision: nothing subtracts two large, nearly equal numbers.
+- Everything is float64. Two passes over H, in chunks of rows converted to
+  float64: the class sums (a scatter-add of contiguous chunks), then, one
+  class at a time (rows sorted by label once), everything else. There each
+  chunk is centred on its own class mean, delta = h - mu_c, before any
+  product, so a large common offset (features around 1e4) costs no
+  precision: nothing subtracts two large, nearly equal numbers. And class by
+  class, the centring is a broadcast, not a gathered copy of the means.
+- The second pass gets everything from one product per chunk, delta [W; M]^T
+  (plus the rows of the given class means, centred on mu_G):
+      logits        w_k.h + b_k = w_k.delta + (w_k.mu_c + b_k)
+      nearest mean  argmin_k ||h - mu_k||^2 = argmin_k ||mu_c - mu_k||^2 - 2 delta.M_k
+                    (the dropped terms do not depend on k; both kept terms are small)
+      scatter       sum ||delta||^2, one dot product per chunk.
 - Sigma_B has rank <= P-1. With the eigendecomposition G = U diag(lam) U^T,
   Sigma_B^+ = P * M^T U diag(lam^-2) U^T M, hence
       nc1 = (1/N) sum_i || (delta_i M^T) U diag(1/lam) ||^2,  delta_i = h_i - mu_yi.
-  Only a P x P eigenproblem and N x P products are needed: cost O(N d C),
-  never a d x d matrix. Eigenvalues below lam_max * P * 64 * eps are rounding
-  (the centring makes G singular by construction) and are dropped.
-- One (N, 2C) product, (h - mu_G) [W; M]^T, gives both the logits and the
-  inner products h.mu_c for the nearest-mean classifier of nc4 and for
-  delta_i M^T (= (h - mu_G) M^T - G[y_i]).
-- No tensor larger than a chunk of rows times d is allocated, besides
-  O(C d + C^2) statistics and the (N, C) logits.
+  Only a P x P eigenproblem and the N x P products above are needed: cost
+  O(N d C), never a d x d matrix. Eigenvalues below lam_max * P * 64 * eps
+  are rounding (the centring makes G singular by construction) and are dropped.
+- No tensor larger than a chunk of rows times d is allocated (the buffers are
+  reused), besides O(C d + C^2) statistics and the (N, C) logits. The chunk
+  (CHUNK_ELEMENTS) is sized to stay in a CPU's cache across the few
+  operations applied to it.
 - `all_reduce`, if given, sums float64 statistics across processes in place,
   so that a data-parallel job gets the metrics of the whole split.
 
@@ -47,9 +56,12 @@ with the reason under `nan_reasons`:
 - P = 2: fine (nc2_equiangle is 0 by definition: there is a single pair).
 - P < 2: every geometric metric is NaN ("fewer than two classes present").
 - d < P-1: Sigma_B has rank d; nc1 uses that rank.
-- identical features within each class: nc1 = 0 (up to float64 rounding).
+- identical features within each class: nc1 = 0 (exactly for float32 features,
+  whose float64 class means are exact; otherwise up to float64 rounding).
 - all class means equal (Sigma_B = 0): nc1, nc1_cdnv and the M-based nc2/nc3 are NaN.
-- non-finite features or classifier: every metric is NaN, the reason counts the rows.
+- non-finite features or classifier: every metric is NaN, the reason counts the rows;
+  the class means leave the non-finite rows out.
+Mismatched shapes and labels outside [0, C) are the caller's bug: ValueError.
 """
 from __future__ import annotations
 
@@ -65,9 +77,15 @@ METRIC_KEYS = (
     "nc2_maxangle_h", "nc2_maxangle_w", "nc2_etf_h", "nc2_etf_w",
     "nc3", "nc4",
 )
-# Rows of H converted to float64 at a time: bounds the working set to
-# CHUNK_ELEMENTS doubles per temporary, whatever N is.
-CHUNK_ELEMENTS = 1 << 22
+# Elements of H held in float64 at a time: bounds every temporary whatever N
+# is. On a CPU, 4 MiB chunks stay in cache across the few operations applied
+# to each (measured on a 2-core EPYC at d=512: 1.2x faster than 8 MiB chunks,
+# 1.5x faster than 32 MiB, and smaller ones pay more per-call overhead); a
+# GPU wants large chunks (fewer kernel launches). At least MIN_CHUNK_ROWS
+# rows, so that the products stay efficient when d is large.
+CHUNK_ELEMENTS = 1 << 19
+CHUNK_ELEMENTS_CUDA = 1 << 24
+MIN_CHUNK_ROWS = 512
 # Relative eigenvalue cut-off of the Gram matrix, in units of P * eps.
 EIGEN_RTOL_ULPS = 64.0
 
@@ -96,24 +114,39 @@ def nc_statistics(H, y, W, b=None, num_classes=None, class_means=None,
 
     With `all_reduce`, H and y are this process's shard; the statistics are
     summed across processes and the metrics are those of the union.
+    `chunk_rows` bounds the rows of H held in float64 at a time (default:
+    CHUNK_ELEMENTS // d, with at least MIN_CHUNK_ROWS).
     """
+    with torch.no_grad():  # the out= buffers refuse tensors that require grad
+        return _nc_statistics(H, y, W, b, num_classes, class_means, all_reduce, chunk_rows)
+
+
+def _nc_statistics(H, y, W, b, num_classes, class_means, all_reduce, chunk_rows) -> NCResult:
     H = _as_tensor(H)
     device = H.device
     y = _as_tensor(y, device).long()
     W = _as_tensor(W, device).double()
     C = int(num_classes) if num_classes is not None else W.shape[0]
     b = torch.zeros(C, dtype=torch.float64, device=device) if b is None else _as_tensor(b, device).double()
+    _check_inputs(H, y, W, b, C)
     reduce = all_reduce or (lambda tensor: None)
-    rows = chunk_rows or max(1, CHUNK_ELEMENTS // max(H.shape[1], 1))
+    rows = chunk_rows or _default_chunk_rows(H)
 
-    sums, counts, bad_rows = _class_sums(H, y, C, rows)
-    for stat in (sums, counts, bad_rows):
+    sums, counts = _class_sums(H, y, C, rows)
+    for stat in (sums, counts):
         reduce(stat)
-    present = counts > 0
-    means = torch.where(present[:, None], sums / counts.clamp(min=1)[:, None], math.nan)
+    finite_counts, bad_rows = counts, 0
+    if not torch.isfinite(sums).all():  # a diverged model: find the bad rows and leave them out
+        sums, finite_counts, bad = _finite_class_sums(H, y, C, rows)
+        for stat in (sums, finite_counts, bad):
+            reduce(stat)
+        bad_rows = int(bad.item())
+    usable = finite_counts > 0
+    means = torch.where(usable[:, None], sums / finite_counts.clamp(min=1)[:, None], math.nan)
     reference = None if class_means is None else _as_tensor(class_means, device).double()
-    second = _second_pass(H, y, W, b, means, present, reference, rows, reduce)
-    metrics = _assemble(second, W, counts, present, int(bad_rows.item()), reference is not None)
+    second = _second_pass(H, _class_chunks(y, C, rows), W, b, means, usable, reference, reduce)
+    classifier_finite = bool(torch.isfinite(W).all() and torch.isfinite(b).all())
+    metrics = _assemble(second, W, counts, counts > 0, bad_rows, classifier_finite, reference is not None)
     return NCResult(metrics, second["logits"], means)
 
 
@@ -122,72 +155,154 @@ def _as_tensor(x, device=None) -> torch.Tensor:
     return tensor if device is None else tensor.to(device)
 
 
+def _check_inputs(H, y, W, b, C):
+    """Shape and label errors are the caller's bugs: say so plainly instead of failing deep inside."""
+    if H.dim() != 2 or y.shape != (H.shape[0],):
+        raise ValueError(f"H must be (N, d) and y (N,), got {tuple(H.shape)} and {tuple(y.shape)}")
+    if W.shape != (C, H.shape[1]) or b.shape != (C,):
+        raise ValueError(f"W must be ({C}, {H.shape[1]}) and b ({C},), got {tuple(W.shape)} and {tuple(b.shape)}")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+        raise ValueError(f"labels must lie in [0, {C}), got [{int(y.min())}, {int(y.max())}]")
+
+
+def _default_chunk_rows(H) -> int:
+    elements = CHUNK_ELEMENTS_CUDA if H.device.type == "cuda" else CHUNK_ELEMENTS
+    return max(MIN_CHUNK_ROWS, elements // max(H.shape[1], 1))
+
+
+def _class_chunks(y, C, rows):
+    """[(class, row indices)] covering y class by class, at most `rows` indices each.
+
+    Visiting H one class at a time turns the per-class operations of the
+    second pass (deviation from the class mean, scatter) into broadcasts and
+    one dot product per chunk, with no gathered copy of the class means.
+    """
+    order = torch.argsort(y, stable=True)  # stable: a fixed summation order
+    ends = torch.bincount(y, minlength=C).cumsum(0).tolist()
+    chunks, start = [], 0
+    for c, end in enumerate(ends):
+        chunks.extend((c, order[s:min(s + rows, end)]) for s in range(start, end, rows))
+        start = end
+    return chunks
+
+
+def _row_buffer(H, chunks, dtype=None):
+    """A reusable (rows, d) buffer: allocating per chunk costs more than the chunk's arithmetic."""
+    rows = max((len(index) for _, index in chunks), default=0)
+    return torch.empty(rows, H.shape[1], dtype=dtype or H.dtype, device=H.device)
+
+
 def _class_sums(H, y, C, rows):
-    """Pass 1: per-class float64 sums and counts; non-finite rows are counted, not summed."""
-    d = H.shape[1]
-    sums = torch.zeros(C, d, dtype=torch.float64, device=H.device)
+    """Pass 1: per-class float64 sums and counts (non-finite rows make the sums non-finite).
+
+    Contiguous chunks and a scatter-add: the rows need no gathering for a sum.
+    """
+    sums = torch.zeros(C, H.shape[1], dtype=torch.float64, device=H.device)
+    wide = torch.empty(min(rows, H.shape[0]), H.shape[1], dtype=torch.float64, device=H.device)
+    for start in range(0, H.shape[0], rows):
+        h = wide[:min(rows, H.shape[0] - start)].copy_(H[start:start + rows])
+        sums.index_add_(0, y[start:start + rows], h)
+    return sums, torch.bincount(y, minlength=C).double()
+
+
+def _finite_class_sums(H, y, C, rows):
+    """Pass 1 again, leaving out and counting the non-finite rows (only after a divergence)."""
+    sums = torch.zeros(C, H.shape[1], dtype=torch.float64, device=H.device)
     counts = torch.zeros(C, dtype=torch.float64, device=H.device)
     bad = torch.zeros((), dtype=torch.float64, device=H.device)
     for start in range(0, H.shape[0], rows):
-        h = H[start:start + rows].double()
-        labels = y[start:start + rows]
+        h, labels = H[start:start + rows].double(), y[start:start + rows]
         finite = torch.isfinite(h).all(dim=1)
         bad += (~finite).sum()
-        sums.index_add_(0, labels, torch.where(finite[:, None], h, 0.0))
-        counts += torch.bincount(labels, minlength=C)[:C]
+        sums.index_add_(0, labels[finite], h[finite])
+        counts += torch.bincount(labels[finite], minlength=C)
     return sums, counts, bad
 
 
-def _second_pass(H, y, W, b, means, present, reference, rows, reduce):
-    """Pass 2: logits, nearest-mean mismatches, within-class scatter, Sigma_B^+ projection."""
-    C = W.shape[0]
-    mu_G = means[present].mean(dim=0) if present.any() else torch.zeros_like(means[0])
-    M = torch.where(present[:, None], means - mu_G, 0.0)
-    gram = M @ M.T
-    eigvals, eigvecs = torch.linalg.eigh(gram)
-    cutoff = eigvals.max().clamp(min=0) * max(int(present.sum()), 1) * EIGEN_RTOL_ULPS * torch.finfo(torch.float64).eps
-    keep = eigvals > cutoff
-    # delta M^T times this gives the coordinates whose squares sum to nc1's numerator.
-    whiten = eigvecs[:, keep] / eigvals[keep]
-    blocks = [W, M] + ([reference - mu_G] if reference is not None else [])
-    stacked = torch.cat(blocks).nan_to_num(nan=0.0)
-    logit_offset = W @ mu_G + b
-    mean_sq = (M * M).sum(dim=1)
-    ref_sq = ((reference - mu_G) ** 2).sum(dim=1) if reference is not None else None
-    ref_valid = torch.isfinite(reference).all(dim=1) if reference is not None else None
+def _second_pass(H, chunks, W, b, means, usable, reference, reduce):
+    """Pass 2: logits, nearest-mean mismatches, within-class scatter, Sigma_B^+ projection.
 
-    device = H.device
-    scatter = torch.zeros(C, dtype=torch.float64, device=device)
-    projected = torch.zeros((), dtype=torch.float64, device=device)
+    All from one product per chunk, delta [W; M; R - mu_G]^T (R: the given
+    class means), as the module docstring derives. Per-chunk results land in
+    preallocated slots (out=) and are combined after the loop, so that each
+    chunk costs few calls besides its four passes: convert, centre, product, dot.
+    """
+    C, N, device = W.shape[0], H.shape[0], H.device
+    geometry = _mean_geometry(W, b, means, usable, reference)
+    stacked, whiten_T = geometry["stacked"], geometry["whiten_T"]
+    gaps = [geometry["mean_gap"]] + ([geometry["ref_gap"]] if reference is not None else [])
+    K, rank = stacked.shape[0], whiten_T.shape[0]
+
+    logits = torch.empty(N, C, dtype=torch.float64, device=device)
+    choice = torch.empty(1 + len(gaps), N, dtype=torch.long, device=device)  # argmax, nearest mean(s); sorted rows
+    per_chunk = torch.empty(2, len(chunks), dtype=torch.float64, device=device)  # scatter, projected
+    raw, delta = _row_buffer(H, chunks), _row_buffer(H, chunks, torch.float64)
+    rows = delta.shape[0]
+    products = torch.empty(K * rows, dtype=torch.float64, device=device)
+    scratch = torch.empty(max(C, rank) * rows, dtype=torch.float64, device=device)
+    unused = torch.empty(rows, dtype=torch.float64, device=device)  # the max/min values
+    start = 0
+    for j, (c, index) in enumerate(chunks):
+        n, end = len(index), start + len(index)
+        dev = delta[:n].copy_(torch.index_select(H, 0, index, out=raw[:n])).sub_(means[c])
+        # Transposed, (K, n): MKL is twice as fast on this shape when K is small.
+        prod = torch.mm(stacked, dev.T, out=products[:K * n].view(K, n))
+        chunk_logits = prod[:C].add_(geometry["logit_base"][c])
+        logits.index_copy_(0, index, chunk_logits.T)
+        # max/min(dim): the first index on ties, like argmax, and several times faster on CPU.
+        torch.max(chunk_logits, dim=0, out=(unused[:n], choice[0, start:end]))
+        for g, gap in enumerate(gaps, start=1):
+            distance = torch.add(gap[c], prod[C * g:C * (g + 1)], alpha=-2.0, out=scratch[:C * n].view(C, n))
+            torch.min(distance, dim=0, out=(unused[:n], choice[g, start:end]))
+        flat = dev.view(-1)
+        torch.dot(flat, flat, out=per_chunk[0, j])
+        coords = torch.mm(whiten_T, prod[C:2 * C], out=scratch[:rank * n].view(rank, n)).view(-1)
+        torch.dot(coords, coords, out=per_chunk[1, j])
+        start = end
+
+    classes = torch.tensor([c for c, _ in chunks], dtype=torch.long, device=device)
+    scatter = torch.zeros(C, dtype=torch.float64, device=device).index_add_(0, classes, per_chunk[0])
+    projected = per_chunk[1].sum()
     mismatch = torch.zeros(2, dtype=torch.float64, device=device)
-    logits = torch.empty(H.shape[0], C, dtype=torch.float64, device=device)
-    for start in range(0, H.shape[0], rows):
-        labels = y[start:start + rows]
-        centred = H[start:start + rows].double() - mu_G
-        products = centred @ stacked.T
-        chunk_logits = products[:, :C] + logit_offset
-        logits[start:start + rows] = chunk_logits
-        predicted = chunk_logits.argmax(dim=1)
-        nearest = _nearest(mean_sq, products[:, C:2 * C], present)
-        mismatch[0] += (predicted != nearest).sum()
-        if reference is not None:
-            mismatch[1] += (predicted != _nearest(ref_sq, products[:, 2 * C:], ref_valid)).sum()
-        deviation = centred - M[labels]
-        scatter.index_add_(0, labels, (deviation * deviation).sum(dim=1))
-        projected += ((products[:, C:2 * C] - gram[labels]) @ whiten).square().sum()
+    for g in range(1, len(gaps) + 1):
+        mismatch[g - 1] = (choice[0] != choice[g]).sum()
     for stat in (scatter, projected, mismatch):
         reduce(stat)
-    return {"logits": logits, "M": M, "gram": gram, "eigvals": eigvals[keep], "scatter": scatter,
-            "projected": projected, "mismatch": mismatch, "mean_sq": mean_sq}
+    M = geometry["M"]
+    return {"logits": logits, "M": M, "gram": geometry["gram"], "scatter": scatter,
+            "projected": projected, "mismatch": mismatch, "mean_sq": (M * M).sum(dim=1)}
 
 
-def _nearest(mean_sq, inner, valid):
-    """argmin_c ||h - m_c||^2 = argmin_c (||m_c||^2 - 2 h.m_c), over valid classes only."""
-    distance = (mean_sq - 2.0 * inner).masked_fill(~valid, math.inf)
-    return distance.argmin(dim=1)
+def _mean_geometry(W, b, means, usable, reference) -> dict:
+    """The O(C d + C^2) quantities the second pass needs, from the class means."""
+    mu_G = means[usable].mean(dim=0) if usable.any() else torch.zeros_like(means[0])
+    M = torch.where(usable[:, None], means - mu_G, 0.0)
+    gram = M @ M.T
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    cutoff = eigvals.max().clamp(min=0) * max(int(usable.sum()), 1) * EIGEN_RTOL_ULPS * torch.finfo(torch.float64).eps
+    keep = eigvals > cutoff
+    # Absent training classes are NaN rows of the reference: zeroed here, excluded by ref_gap.
+    blocks = [W, M] + ([(reference - mu_G).nan_to_num(nan=0.0)] if reference is not None else [])
+    geometry = {
+        "M": M, "gram": gram, "stacked": torch.cat(blocks),
+        # delta M^T, times this, gives the coordinates whose squares sum to nc1's numerator.
+        "whiten_T": (eigvecs[:, keep] / eigvals[keep]).T.contiguous(),
+        "logit_base": (means.nan_to_num(nan=0.0) @ W.T + b)[:, :, None],  # [c, k]: w_k.mu_c + b_k
+        "mean_gap": _squared_distances(M, M, usable)[:, :, None],
+    }
+    if reference is not None:
+        valid = torch.isfinite(reference).all(dim=1)
+        geometry["ref_gap"] = _squared_distances(M, reference - mu_G, valid)[:, :, None]
+    return geometry
 
 
-def _assemble(second, W, counts, present, bad_rows, with_reference):
+def _squared_distances(A, B, valid):
+    """(C, C) ||a_c - b_k||^2, +inf for invalid k; differences first, so no cancellation."""
+    distance = torch.cdist(A, B.nan_to_num(nan=0.0), compute_mode="donot_use_mm_for_euclid_dist").square()
+    return distance.masked_fill(~valid[None, :], math.inf)
+
+
+def _assemble(second, W, counts, present, bad_rows, classifier_finite, with_reference):
     N = float(counts.sum())
     P = int(present.sum())
     metrics = {key: math.nan for key in METRIC_KEYS}
@@ -198,7 +313,7 @@ def _assemble(second, W, counts, present, bad_rows, with_reference):
     if N == 0:
         reasons.update({key: "no samples" for key in metrics if isinstance(metrics[key], float)})
         return metrics
-    if bad_rows or not torch.isfinite(W).all():
+    if bad_rows or not classifier_finite:
         what = f"{bad_rows} of {int(N)} feature rows are non-finite" if bad_rows else "classifier is non-finite"
         reasons.update({key: what for key in metrics if isinstance(metrics[key], float)})
         return metrics

@@ -226,7 +226,9 @@ def resolve_defaults(args, info: DatasetInfo, device: torch.device) -> dict:
     if args.amp is None:
         args.amp = device.type == "cuda"
     if args.channels_last is None:
-        args.channels_last = True
+        # Tensor cores want NHWC. On the CPU it brings little, and PyTorch 2.14's CPU
+        # backward crashes on it for ResNet-18 at width 1/16 (4-channel stages).
+        args.channels_last = device.type == "cuda"
     if args.feature_epochs is None:
         args.feature_epochs = default_feature_epochs(args.epochs)
     return flags
@@ -328,6 +330,7 @@ def train_and_report(run: Run, folder: str, start_epoch: int, argv) -> int:
     try:
         status = run_epochs(run, start_epoch)
     except Interrupted as stop:
+        run.stop.restore()
         run.log.write_metrics(run.history, "interrupted")
         last = run.history[-1]["epoch"] if run.history else 0
         if main_process:
@@ -335,11 +338,13 @@ def train_and_report(run: Run, folder: str, start_epoch: int, argv) -> int:
                   file=sys.stderr)
         return 128 + stop.signum
     except Diverged as diverged:
+        run.stop.restore()
         run.log.write_metrics(run.history, "diverged")
         if main_process:
             print(f"main.py: training loss became non-finite in epoch {diverged.epoch}; {METRICS_FILE} keeps "
                   f"epochs 0-{diverged.epoch} (lower --lr, or pass --allow-nonfinite to continue)", file=sys.stderr)
         return EXIT_DIVERGED
+    run.stop.restore()
     run.log.write_metrics(run.history, status)
     if main_process:
         print(f"done: {folder}\nplot it: python utils.py curves {folder} && python utils.py nc {folder}", flush=True)

@@ -64,10 +64,17 @@ class StopFlag:
     def __init__(self):
         self.signum: Optional[int] = None
         self._first_at = 0.0
+        self._previous = {}
 
     def install(self) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        """Give the handlers back (main.main may run inside a notebook or a test)."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
         now = time.monotonic()
@@ -154,7 +161,10 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
     model.train()
     lams = sample_lambdas(run.generators.lam, cfg.mixup_alpha, len(batches), batches.batch_size,
                           cfg.mixup_per_sample)
-    lams = torch.from_numpy(lams).float().to(device, non_blocking=True)  # one copy for the epoch
+    lams = torch.from_numpy(lams).float()
+    if device.type == "cuda":
+        lams = lams.pin_memory()  # a pinned source makes the one copy of the epoch asynchronous
+    lams = lams.to(device, non_blocking=True)
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     readout = LaggedReadout(device)
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
@@ -179,8 +189,10 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
         with torch.no_grad():
             # credit lam for predicting y_a and 1 - lam for y_b: the mixup analogue of accuracy
             credit = targets.gather(1, logits.argmax(dim=1, keepdim=True)).sum()
-            totals += torch.stack([loss.detach().double() * y.shape[0], credit.double(),
-                                   torch.tensor(float(y.shape[0]), dtype=torch.float64, device=device)])
+            # In-place adds of device values and a Python scalar: no host-to-device copy, so no sync.
+            totals[0] += loss.detach().double() * y.shape[0]
+            totals[1] += credit
+            totals[2] += y.shape[0]
         seen += y.shape[0]
         bar.update(1)
         now = time.perf_counter()
@@ -254,7 +266,7 @@ def measure(run: Run, with_nc: bool) -> tuple:
         targets = F.one_hot(split.labels, run.num_classes).double()
         sums = torch.stack([run.loss_fn(logits, targets) * len(split),
                             (logits.argmax(dim=1) == split.labels).sum().double(),
-                            torch.tensor(float(len(split)), dtype=torch.float64, device=run.device)])
+                            torch.full((), float(len(split)), dtype=torch.float64, device=run.device)])
         run.dist.all_reduce(sums)
         loss_sum, correct, count = sums.tolist()
         fields[f"{name}_loss"], fields[f"{name}_acc"] = loss_sum / count, correct / count

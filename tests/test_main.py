@@ -2,6 +2,7 @@
 import json
 import os
 import pickle
+import signal
 
 import numpy as np
 import pytest
@@ -96,3 +97,9 @@ def test_paper_command_without_data_says_how_to_fetch_it(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--download" in err[0] and str(tmp_path / "data") in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_run_gives_the_signal_handlers_back(tmp_path):
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    assert run_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path)]) == 0
+    assert {signum: signal.getsignal(signum) for signum in before} == before

@@ -1,0 +1,211 @@
+"""Named metrics of the epoch records, their axis labels and scales, and seed aggregation.
+
+A metric name is what a user types after --metric: a record field
+(`test_acc`), a derived one (`train_err`), an NC metric of a split
+(`train.nc1`, or bare `nc1` for the split chosen by --split) or a mixup
+geometry number (`same_class_alignment`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .loading import Run, RunError
+
+SPLITS = ("train", "test")
+PERCENT = 100.0
+# An exact zero (no errors, no NCC mismatches) cannot sit on a log axis; it is
+# drawn at half of one sample's share instead, the smallest non-zero value that
+# could have been measured, halved, and the axes mark that level as "zero".
+ZERO_FLOOR_SAMPLES = 0.5
+BANDS = ("minmax", "std", "none")
+
+# NC metric keys: (panel title, y-axis label, log scale). Names follow Papyan et al. 2020 and Zhu et al. 2021.
+NC_METRICS = {
+    "nc1": ("NC1: within-class variability", r"Tr$(\Sigma_W\Sigma_B^{+})/C$", True),
+    "nc1_cdnv": ("NC1: class-distance normalised variance", "CDNV", True),
+    "tr_sigma_w": ("within-class variance", r"Tr$(\Sigma_W)$", True),
+    "tr_sigma_b": ("between-class variance", r"Tr$(\Sigma_B)$", True),
+    "nc2_equinorm_h": ("NC2: equinorm of H", "std / mean of norms", False),
+    "nc2_equinorm_w": ("NC2: equinorm of W", "std / mean of norms", False),
+    "nc2_equiangle_h": ("NC2: equiangularity of H", "std of pairwise cosines", False),
+    "nc2_equiangle_w": ("NC2: equiangularity of W", "std of pairwise cosines", False),
+    "nc2_maxangle_h": ("NC2: maximal angle of H", r"mean $|\cos + 1/(C-1)|$", False),
+    "nc2_maxangle_w": ("NC2: maximal angle of W", r"mean $|\cos + 1/(C-1)|$", False),
+    "nc2_etf_h": ("NC2: distance of H to a simplex ETF", r"$\|G/\|G\|_F - \mathrm{ETF}\|_F$", False),
+    "nc2_etf_w": ("NC2: distance of W to a simplex ETF", r"$\|G/\|G\|_F - \mathrm{ETF}\|_F$", False),
+    "nc3": ("NC3: self-duality", r"$\|W/\|W\|_F - M/\|M\|_F\|_F^2$", False),
+    "nc4": ("NC4: nearest class-centre mismatch", "fraction of samples", True),
+    "nc4_train_means": ("NC4: mismatch with train class means", "fraction of samples", True),
+}
+GEOMETRY_METRICS = {
+    "same_class_alignment": ("mixup: same-class alignment", r"mean cos$(h - \mu_G, w_y)$"),
+    "diff_class_nonlinearity": ("mixup: different-class departure from linearity",
+                                r"$\|h - (\lambda\mu_a + (1-\lambda)\mu_b)\| / \|\mu_a - \mu_b\|$"),
+}
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    title: str  # what it is, for a panel title
+    label: str  # the quantity and its unit, for the y axis
+    log: bool
+    read: Callable[[dict], Optional[float]]
+    scale: float = 1.0
+    # Where an exact zero is drawn on a log axis, from (record, config); None drops zeros.
+    zero_floor: Optional[Callable[[dict, dict], Optional[float]]] = None
+
+
+def _field(key: str) -> Callable[[dict], Optional[float]]:
+    return lambda record: record.get(key)
+
+
+def _error(split: str) -> Callable[[dict], Optional[float]]:
+    def read(record: dict) -> Optional[float]:
+        accuracy = record.get(f"{split}_acc")
+        return None if accuracy is None else 1.0 - accuracy
+    return read
+
+
+def _nc(split: str, key: str) -> Callable[[dict], Optional[float]]:
+    def read(record: dict) -> Optional[float]:
+        nc = record.get("nc") or {}
+        return (nc.get(split) or {}).get(key)
+    return read
+
+
+def _geometry(key: str) -> Callable[[dict], Optional[float]]:
+    return lambda record: (record.get("mixup_geometry") or {}).get(key)
+
+
+def _floor_from_config(count_key: str):
+    def floor(record: dict, config: dict) -> Optional[float]:
+        count = config.get(count_key)
+        return ZERO_FLOOR_SAMPLES / count if count else None
+    return floor
+
+
+def _floor_from_nc(split: str):
+    def floor(record: dict, config: dict) -> Optional[float]:
+        count = _nc(split, "num_samples")(record)
+        return ZERO_FLOOR_SAMPLES / count if count else None
+    return floor
+
+
+def _build_registry() -> Dict[str, Metric]:
+    metrics = [
+        Metric("train_loss", "train loss (clean inputs)", "loss", True, _field("train_loss")),
+        Metric("test_loss", "test loss", "loss", True, _field("test_loss")),
+        Metric("mixup_loss", "mixup training loss (the objective)", "loss", True, _field("mixup_loss")),
+        Metric("train_acc", "train accuracy (clean inputs)", "accuracy (%)", False, _field("train_acc"), PERCENT),
+        Metric("test_acc", "test accuracy", "accuracy (%)", False, _field("test_acc"), PERCENT),
+        Metric("mixup_acc", "mixup training accuracy (lambda-weighted)", "accuracy (%)", False,
+               _field("mixup_acc"), PERCENT),
+        Metric("train_err", "train error (clean inputs)", "error (%)", True, _error("train"), PERCENT,
+               _floor_from_config("num_train")),
+        Metric("test_err", "test error", "error (%)", True, _error("test"), PERCENT, _floor_from_config("num_test")),
+        Metric("test_ece", "test expected calibration error", "ECE (15 bins)", False, _field("test_ece")),
+        Metric("lr", "learning rate", "learning rate", True, _field("lr")),
+        Metric("time_s", "training time per epoch", "time (s)", False, _field("time_s")),
+    ]
+    for split in SPLITS:
+        for key, (title, label, log) in NC_METRICS.items():
+            floor = _floor_from_nc(split) if key.startswith("nc4") else None
+            metrics.append(Metric(f"{split}.{key}", f"{title} ({split})", label, log, _nc(split, key), 1.0, floor))
+    for key, (title, label) in GEOMETRY_METRICS.items():
+        metrics.append(Metric(key, title, label, False, _geometry(key)))
+    return {metric.name: metric for metric in metrics}
+
+
+METRICS = _build_registry()
+
+
+def resolve_metric(name: str, split: str = "train") -> Metric:
+    """The metric called `name`; a bare NC key takes the split given by --split."""
+    if name in NC_METRICS:
+        name = f"{split}.{name}"
+    if name not in METRICS:
+        bare = sorted(n for n in METRICS if "." not in n) + sorted(NC_METRICS)
+        raise RunError(f"unknown metric {name!r}; choose from {', '.join(bare)} "
+                       f"(NC keys may be prefixed train. or test.)")
+    return METRICS[name]
+
+
+def parse_metric_list(text: str, split: str) -> List[Metric]:
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    if not names:
+        raise RunError("--metric needs at least one metric name")
+    return [resolve_metric(name, split) for name in names]
+
+
+def value_at(record: Optional[dict], metric: Metric) -> float:
+    """The metric in one record as a float in its own units (NaN when absent)."""
+    if record is None:
+        return math.nan
+    value = metric.read(record)
+    return math.nan if value is None else float(value)
+
+
+def series(run: Run, metric: Metric, on_log_axis: bool) -> Tuple[np.ndarray, np.ndarray, Optional[float]]:
+    """(epochs, values in display units, zero level or None) of the finite measurements of one run.
+
+    On a log axis, zeros are moved to the run's zero floor (or dropped when it has none).
+    """
+    epochs, values, floors = [], [], []
+    for record in run.records:
+        value = value_at(record, metric)
+        if not math.isfinite(value):
+            continue  # not measured this epoch, NaN by definition, or a diverged epoch
+        if on_log_axis and value <= 0:
+            floor = metric.zero_floor(record, run.config) if metric.zero_floor else None
+            if floor is None:
+                continue
+            value = floor
+            floors.append(floor * metric.scale)
+        epochs.append(record["epoch"])
+        values.append(value * metric.scale)
+    zero_level = min(floors) if floors else None
+    return np.asarray(epochs, dtype=float), np.asarray(values, dtype=float), zero_level
+
+
+@dataclass
+class Aggregate:
+    epochs: np.ndarray
+    centre: np.ndarray
+    low: Optional[np.ndarray]
+    high: Optional[np.ndarray]
+    zero_level: Optional[float]
+
+
+def aggregate(runs: Sequence[Run], metric: Metric, band: str, on_log_axis: bool) -> Aggregate:
+    """The mean over runs at every epoch measured by any of them, with a min-max or +-std band.
+
+    On a log axis the mean and std are taken of log10 values (a geometric mean),
+    so that the band stays positive and symmetric on the axis as drawn.
+    """
+    per_run = [series(run, metric, on_log_axis) for run in runs]
+    zero_levels = [level for _, _, level in per_run if level is not None]
+    epochs = np.unique(np.concatenate([e for e, _, _ in per_run])) if per_run else np.array([])
+    table = np.full((len(per_run), epochs.size), np.nan)
+    for row, (run_epochs, values, _) in enumerate(per_run):
+        table[row, np.searchsorted(epochs, run_epochs)] = values
+    if on_log_axis:
+        table = np.log10(table)
+    count = np.sum(np.isfinite(table), axis=0)
+    centre = np.nanmean(table, axis=0) if epochs.size else np.array([])
+    low = high = None
+    if band == "minmax" and len(runs) > 1:
+        low, high = np.nanmin(table, axis=0), np.nanmax(table, axis=0)
+    elif band == "std" and len(runs) > 1:
+        spread = np.nanstd(table, axis=0)
+        low, high = centre - spread, centre + spread
+    if low is not None:
+        single = count < 2  # one run at this epoch: no spread to show
+        low, high = np.where(single, np.nan, low), np.where(single, np.nan, high)
+    if on_log_axis:
+        centre, low, high = (None if a is None else 10.0 ** a for a in (centre, low, high))
+    return Aggregate(epochs, centre, low, high, min(zero_levels) if zero_levels else None)

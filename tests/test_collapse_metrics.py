@@ -1,0 +1,492 @@
+"""collapse_metrics against DESIGN.md's formulas, hand-worked values and its edge cases."""
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from collapse_metrics import METRIC_KEYS, mixup_geometry, nc_metrics, nc_statistics, simplex_etf
+
+AGREEMENT_RTOL = 1e-8   # issue 3: values equal to 1e-8 relative
+ZERO_ATOL = 1e-12       # below this a value is rounding noise around 0
+# Singular values of Sigma_B below this fraction of the largest are rounding:
+# far above d * eps, far below the genuine ones of any test set here.
+PINV_RCOND = 1e-10
+OFFSET = 1e4            # the common offset of issue 3's float32 check
+SEEDS = (0, 1, 2)
+
+
+# ---------------------------------------------------------------- the slow transcription
+
+def design_metrics(H, y, W, b=None, class_means=None) -> dict:
+    """DESIGN.md's table, literally: float64 numpy, d x d covariances, a dense pseudo-inverse.
+
+    Over the P classes present in y; nc4's argmax runs over all classifier rows.
+    """
+    H, W = np.asarray(H, dtype=np.float64), np.asarray(W, dtype=np.float64)
+    y = np.asarray(y)
+    b = np.zeros(len(W)) if b is None else np.asarray(b, dtype=np.float64)
+    classes = np.unique(y)
+    P, N = len(classes), len(H)
+    mu = np.stack([H[y == c].mean(axis=0) for c in classes])
+    M = mu - mu.mean(axis=0)
+    deviation = H - mu[np.searchsorted(classes, y)]
+    sigma_w = deviation.T @ deviation / N
+    sigma_b = M.T @ M / P
+    variances = [np.mean(np.sum(deviation[y == c] ** 2, axis=1)) for c in classes]
+    cdnv = [(variances[i] + variances[j]) / (2 * np.sum((mu[i] - mu[j]) ** 2))
+            for i in range(P) for j in range(i + 1, P)]
+    Wp = W[classes]
+    predicted = np.argmax(H @ W.T + b, axis=1)
+    out = {
+        "nc1": np.trace(sigma_w @ np.linalg.pinv(sigma_b, rcond=PINV_RCOND, hermitian=True)) / P,
+        "nc1_cdnv": np.mean(cdnv),
+        "tr_sigma_w": np.trace(sigma_w),
+        "tr_sigma_b": np.trace(sigma_b),
+        "nc3": np.sum((Wp / np.linalg.norm(Wp) - M / np.linalg.norm(M)) ** 2),
+        "nc4": np.mean(predicted != classes[nearest(H, mu)]),
+        **design_geometry("h", M),
+        **design_geometry("w", Wp),
+    }
+    if class_means is not None:
+        R = np.asarray(class_means, dtype=np.float64)
+        valid = np.flatnonzero(np.isfinite(R).all(axis=1))
+        out["nc4_train_means"] = np.mean(predicted != valid[nearest(H, R[valid])])
+    return {key: float(value) for key, value in out.items()}
+
+
+def nearest(H, means):
+    """Index of the nearest row of `means` for each row of H, by explicit distances."""
+    return np.argmin(((H[:, None, :] - means[None, :, :]) ** 2).sum(axis=2), axis=1)
+
+
+def design_geometry(suffix, rows) -> dict:
+    P = len(rows)
+    norms = np.linalg.norm(rows, axis=1)
+    cosine = rows @ rows.T / np.outer(norms, norms)
+    gram = rows @ rows.T
+    etf = (np.eye(P) - np.ones((P, P)) / P) / np.sqrt(P - 1)
+    return {
+        f"nc2_equinorm_{suffix}": norms.std() / norms.mean(),
+        f"nc2_equiangle_{suffix}": cosine[np.triu_indices(P, 1)].std(),
+        f"nc2_maxangle_{suffix}": np.abs(cosine + 1 / (P - 1))[~np.eye(P, dtype=bool)].mean(),
+        f"nc2_etf_{suffix}": np.linalg.norm(gram / np.linalg.norm(gram) - etf),
+    }
+
+
+def assert_agrees(ours: dict, expected: dict, rtol=AGREEMENT_RTOL):
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, rel=rtol, abs=ZERO_ATOL), key
+
+
+# ---------------------------------------------------------------- feature sets
+
+def clustered(seed, n=400, d=12, C=5, noise=0.6):
+    """Random class means, unequal class sizes, anisotropic noise, an unaligned classifier."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(C, d)) * 2.0
+    y = rng.integers(C, size=n)
+    y[:C] = np.arange(C)  # every class present
+    H = means[y] + noise * rng.normal(size=(n, d)) * rng.uniform(0.2, 2.0, size=d)
+    W = means + rng.normal(size=(C, d))
+    b = 0.5 * rng.normal(size=C)
+    return H, y, W, b
+
+
+def planted_etf(C, d, rng):
+    """(C, d) unit rows of a simplex ETF in a random C-1 dimensional subspace (independent of simplex_etf)."""
+    centred = (np.eye(C) - 1.0 / C) * np.sqrt(C / (C - 1))  # rows: unit norm, cosines -1/(C-1)
+    basis, _ = np.linalg.qr(rng.normal(size=(d, C)))
+    return centred @ basis.T
+
+
+def near_etf(seed, n=500, d=16, C=6, noise=1e-2):
+    """Features collapsed onto a scaled simplex ETF, up to small noise; classifier near the same ETF."""
+    rng = np.random.default_rng(seed)
+    etf = planted_etf(C, d, rng)
+    y = rng.permutation(np.arange(n) % C)
+    H = 5.0 * etf[y] + noise * rng.normal(size=(n, d))
+    W = etf + 1e-3 * rng.normal(size=(C, d))
+    return H, y, W, np.zeros(C)
+
+
+# ---------------------------------------------------------------- agreement with DESIGN.md
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_features_agree_with_design_formulas(seed):
+    H, y, W, b = clustered(seed)
+    assert_agrees(nc_metrics(H, y, W, b), design_metrics(H, y, W, b))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_near_etf_features_agree_with_design_formulas(seed):
+    H, y, W, b = near_etf(seed)
+    ours = nc_metrics(H, y, W, b)
+    assert_agrees(ours, design_metrics(H, y, W, b))
+    assert ours["nc1"] < 1e-4 and ours["nc2_etf_h"] < 1e-2  # the planted collapse is seen
+
+
+def test_returns_plain_python_values_for_numpy_and_torch_inputs():
+    H, y, W, b = clustered(0)
+    from_numpy = nc_metrics(H, y, W, b)
+    from_torch = nc_metrics(torch.from_numpy(H).float(), torch.from_numpy(y), torch.from_numpy(W), torch.from_numpy(b))
+    for key in METRIC_KEYS:
+        assert type(from_numpy[key]) is float and type(from_torch[key]) is float
+    assert from_numpy["num_samples"] == len(y) and from_numpy["num_classes_present"] == 5
+    assert from_numpy["nan_reasons"] == {}
+
+
+def test_exact_simplex_etf_features_with_etf_classifier_give_zero():
+    C, d, per_class = 5, 8, 20
+    etf = simplex_etf(C, d, torch.Generator().manual_seed(0))
+    y = torch.arange(C).repeat(per_class)
+    metrics = nc_metrics(3.0 * etf[y], y, etf)
+    for key in METRIC_KEYS:
+        if key != "tr_sigma_b":
+            assert abs(metrics[key]) < ZERO_ATOL, key
+    assert metrics["tr_sigma_b"] == pytest.approx(9.0)  # mu_G = 0 and ||3 e_c||^2 = 9 for every class
+
+
+def test_hand_computed_example():
+    # Three classes in the plane, two points each, integer coordinates (exact in float):
+    #   class 0: (4,0),(2,0)    mean (3,0)    deviations +-(1,0)
+    #   class 1: (0,4),(0,2)    mean (0,3)    deviations +-(0,1)
+    #   class 2: (-2,-4),(-4,-2) mean (-3,-3) deviations +-(1,-1)
+    # mu_G = 0, so M = the means. N = 6, P = 3.
+    # Sigma_W = (2[[1,0],[0,0]] + 2[[0,0],[0,1]] + 2[[1,-1],[-1,1]]) / 6 = [[2,-1],[-1,2]] / 3, Tr = 4/3.
+    # Sigma_B = M^T M / 3 = [[18,9],[9,18]] / 3 = [[6,3],[3,6]], Tr = 12, inverse [[6,-3],[-3,6]] / 27.
+    # Sigma_W Sigma_B^-1 = [[15,-12],[-12,15]] / 81, Tr = 30/81, so nc1 = 30/81/3 = 10/81.
+    # cdnv: var = 1, 1, 2; squared distances 18 (0-1), 45 (0-2), 45 (1-2):
+    #   mean(2/36, 3/90, 3/90) = (1/18 + 1/15) / 3 = 11/270.
+    # Row norms 3, 3, 3 sqrt2: std/mean = (2 - sqrt2)/(2 + sqrt2) = 3 - 2 sqrt2.
+    # Cosines 0, -1/sqrt2, -1/sqrt2: population std 1/3;
+    #   maxangle = mean of |cos + 1/2| over the 6 ordered pairs = (1 + 4 (1/sqrt2 - 1/2)) / 6 = (2 sqrt2 - 1)/6.
+    # G = M M^T = 9 [[1,0,-1],[0,1,-1],[-1,-1,2]], ||G||_F = 9 sqrt10; with T = (I - 11^T/3)/sqrt2,
+    #   ||G/||G|| - T||^2 = 1 + 1 - 2 <G/||G||, T> = 2 - 4/sqrt5.
+    # W = M / 3 (so nc3 = 0 and the W metrics equal the M ones), b = (0, 0, -9): the logits of
+    #   (-2,-4) are (-2,-4,-3) -> class 0 and of (-4,-2) are (-4,-2,-3) -> class 1, while both are
+    #   nearest to mean 2; the other four points agree: nc4 = 2/6.
+    H = np.array([[4, 0], [2, 0], [0, 4], [0, 2], [-2, -4], [-4, -2]], dtype=np.float64)
+    y = np.array([0, 0, 1, 1, 2, 2])
+    W = np.array([[1, 0], [0, 1], [-1, -1]], dtype=np.float64)
+    b = np.array([0.0, 0.0, -9.0])
+    metrics = nc_metrics(H, y, W, b)
+    root2 = math.sqrt(2.0)
+    expected = {
+        "nc1": 10 / 81, "nc1_cdnv": 11 / 270, "tr_sigma_w": 4 / 3, "tr_sigma_b": 12.0,
+        "nc2_equinorm_h": 3 - 2 * root2, "nc2_equiangle_h": 1 / 3,
+        "nc2_maxangle_h": (2 * root2 - 1) / 6, "nc2_etf_h": math.sqrt(2 - 4 / math.sqrt(5)),
+        "nc3": 0.0, "nc4": 2 / 6,
+    }
+    expected.update({key.replace("_h", "_w"): value for key, value in expected.items() if key.startswith("nc2")})
+    assert_agrees(metrics, expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- invariances and precision
+
+def test_invariant_to_permuting_class_labels():
+    H, y, W, b = clustered(3)
+    permutation = np.array([3, 0, 4, 1, 2])  # class c becomes class permutation[c]
+    W_perm, b_perm = np.empty_like(W), np.empty_like(b)
+    W_perm[permutation], b_perm[permutation] = W, b
+    assert_agrees(nc_metrics(H, permutation[y], W_perm, b_perm), nc_metrics(H, y, W, b), rtol=1e-12)
+
+
+def test_invariant_to_translation():
+    H, y, W, b = clustered(4)
+    shift = np.random.default_rng(4).normal(size=H.shape[1]) * 50.0
+    # The bias absorbs the shift, so the logits (and nc4) stay those of the same points.
+    assert_agrees(nc_metrics(H + shift, y, W, b - W @ shift), nc_metrics(H, y, W, b), rtol=1e-10)
+
+
+@pytest.mark.parametrize("collapse", [1.0, 1e-2])
+def test_float32_features_at_large_offset_are_exact(collapse):
+    # Values a network would give: float32, all near 1e4, the class structure in the low digits.
+    H, y, W, b = clustered(5, noise=0.6 * collapse)
+    H32 = (H + OFFSET).astype(np.float32)
+    exact = design_metrics(H32.astype(np.float64), y, W, b)
+    assert_agrees(nc_metrics(H32, y, W, b), exact)
+    assert_agrees(nc_metrics(torch.from_numpy(H32), torch.from_numpy(y), W, b), exact)
+
+
+def test_chunk_size_does_not_change_the_values():
+    H, y, W, b = clustered(6, n=300)
+    means = design_class_means(H, y, 5) + 0.1
+    small = nc_statistics(H, y, W, b, class_means=means, chunk_rows=7)
+    large = nc_statistics(H, y, W, b, class_means=means, chunk_rows=10_000)
+    assert_agrees(small.metrics, large.metrics, rtol=1e-12)
+    torch.testing.assert_close(small.logits, large.logits, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(small.class_means, large.class_means, rtol=1e-13, atol=0)
+
+
+def design_class_means(H, y, C):
+    return np.stack([H[y == c].mean(axis=0) for c in range(C)])
+
+
+def test_statistics_return_logits_and_class_means():
+    H, y, W, b = clustered(7)
+    result = nc_statistics(H, y, W, b)
+    assert result.logits.dtype == torch.float64 and result.logits.shape == (len(y), 5)
+    np.testing.assert_allclose(result.logits.numpy(), H @ W.T + b, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(result.class_means.numpy(), design_class_means(H, y, 5), rtol=1e-13)
+
+
+# ---------------------------------------------------------------- nc4 against given class means
+
+def test_nc4_train_means_with_given_class_means():
+    H_train, y_train, W, b = clustered(8)
+    H_test, y_test, _, _ = clustered(9)  # other means: the NCC of the training split often disagrees
+    train_means = nc_statistics(H_train, y_train, W, b).class_means
+    metrics = nc_metrics(H_test, y_test, W, b, class_means=train_means)
+    expected = design_metrics(H_test, y_test, W, b, class_means=train_means.numpy())
+    assert_agrees(metrics, expected)
+    assert 0 < metrics["nc4_train_means"] <= 1
+
+
+def test_nc4_train_means_equals_nc4_for_the_split_own_means():
+    H, y, W, b = clustered(10)
+    own = design_class_means(H, y, 5)
+    metrics = nc_metrics(H, y, W, b, class_means=own)
+    assert metrics["nc4_train_means"] == metrics["nc4"]
+
+
+def test_nc4_train_means_skips_classes_absent_from_the_training_split():
+    H, y, W, b = clustered(11)
+    means = design_class_means(H, y, 5)
+    means[2] = np.nan  # class 2 had no training samples
+    metrics = nc_metrics(H, y, W, b, class_means=means)
+    assert metrics["nc4_train_means"] == pytest.approx(design_metrics(H, y, W, b, means)["nc4_train_means"])
+    assert "nc4_train_means" not in metrics["nan_reasons"]
+
+
+# ---------------------------------------------------------------- edge cases of issue 3
+
+def test_class_absent_from_split_uses_present_classes():
+    H, y, W, b = clustered(12, C=5)
+    keep = y != 2
+    H, y = H[keep], y[keep]
+    metrics = nc_metrics(H, y, W, b, num_classes=5)
+    assert metrics["num_classes_present"] == 4
+    assert metrics["nan_reasons"] == {}
+    assert_agrees(metrics, design_metrics(H, y, W, b))
+    assert torch.isnan(nc_statistics(H, y, W, b).class_means[2]).all()
+
+
+def test_two_classes():
+    H, y, W, b = clustered(13, C=2)
+    metrics = nc_metrics(H, y, W, b)
+    assert_agrees(metrics, design_metrics(H, y, W, b))
+    # A single pair of means: they are opposite around mu_G, equal in norm, at the ETF's angle.
+    assert metrics["nc2_equiangle_h"] == 0.0 and metrics["nc2_equiangle_w"] == 0.0
+    for key in ("nc2_equinorm_h", "nc2_maxangle_h", "nc2_etf_h"):
+        assert abs(metrics[key]) < ZERO_ATOL, key
+
+
+def test_fewer_dimensions_than_classes_minus_one():
+    H, y, W, b = clustered(14, d=2, C=6)
+    metrics = nc_metrics(H, y, W, b)
+    assert metrics["nan_reasons"] == {}
+    assert_agrees(metrics, design_metrics(H, y, W, b))  # Sigma_B has rank d = 2 < C - 1 = 5
+
+
+def test_identical_features_within_each_class_give_zero_nc1():
+    H, y, W, b = clustered(15)
+    # float32 values: the float64 mean of n copies of a float32 number is that number exactly.
+    H = design_class_means(H, y, 5).astype(np.float32)[y]
+    metrics = nc_metrics(H, y, W, b)
+    assert metrics["nc1"] == 0.0 and metrics["nc1_cdnv"] == 0.0 and metrics["tr_sigma_w"] == 0.0
+    assert metrics["nc4"] == pytest.approx(design_metrics(H, y, W, b)["nc4"])
+
+
+def test_identical_class_means_give_nan_with_reason():
+    _, y, W, b = clustered(16)
+    H = np.ones((len(y), 12), dtype=np.float32) * 0.25  # every feature equal: Sigma_B = Sigma_W = 0
+    metrics = nc_metrics(H, y, W, b)
+    for key in ("nc1", "nc1_cdnv", "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h", "nc3"):
+        assert math.isnan(metrics[key]) and "Sigma_B = 0" in metrics["nan_reasons"][key], key
+    assert metrics["tr_sigma_b"] == 0.0 and metrics["tr_sigma_w"] == 0.0
+    assert 0.0 <= metrics["nc4"] <= 1.0 and math.isfinite(metrics["nc2_etf_w"])
+
+
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf])
+def test_non_finite_features_give_nan_with_reason(bad_value):
+    H, y, W, b = clustered(17)
+    H = H.copy()
+    H[[3, 30], 1] = bad_value  # two diverged rows
+    result = nc_statistics(H, y, W, b)
+    for key in METRIC_KEYS:
+        assert math.isnan(result.metrics[key]), key
+        assert result.metrics["nan_reasons"][key] == f"2 of {len(y)} feature rows are non-finite"
+    finite = np.ones(len(y), dtype=bool)
+    finite[[3, 30]] = False  # the class means leave the bad rows out
+    np.testing.assert_allclose(result.class_means.numpy(), design_class_means(H[finite], y[finite], 5), rtol=1e-13)
+
+
+def test_non_finite_classifier_gives_nan_with_reason():
+    H, y, W, b = clustered(18)
+    W = W.copy()
+    W[1, 0] = math.nan
+    metrics = nc_metrics(H, y, W, b)
+    assert all(math.isnan(metrics[key]) for key in METRIC_KEYS)
+    assert metrics["nan_reasons"]["nc1"] == "classifier is non-finite"
+
+
+def test_single_class_and_empty_split():
+    H, y, W, b = clustered(19)
+    one = nc_metrics(H[y == 1], y[y == 1], W, b)
+    assert one["num_classes_present"] == 1 and 0.0 <= one["nc4"] <= 1.0
+    assert math.isnan(one["nc1"]) and one["nan_reasons"]["nc1"] == "fewer than two classes present"
+    empty = nc_metrics(H[:0], y[:0], W, b)
+    assert empty["num_samples"] == 0 and empty["nan_reasons"]["nc4"] == "no samples"
+
+
+def test_labels_out_of_range_are_refused():
+    H, y, W, b = clustered(20)
+    with pytest.raises(ValueError, match="labels"):
+        nc_metrics(H, y + 1, W, b)
+
+
+def test_features_that_require_grad_are_accepted():
+    H, y, W, b = clustered(21)
+    features = torch.from_numpy(H).requires_grad_()
+    assert_agrees(nc_metrics(features, y, W, b), nc_metrics(H, y, W, b), rtol=0)
+
+
+# ---------------------------------------------------------------- all_reduce and devices
+
+class ThreadSum:
+    """`all_reduce` for shards run in threads: every call sums the participants' tensors in place."""
+
+    def __init__(self, parties: int):
+        self.barrier = threading.Barrier(parties, timeout=60)  # a mismatched call fails, not hangs
+        self.slots = [None] * parties
+
+    def for_rank(self, rank: int):
+        def all_reduce(tensor: torch.Tensor) -> None:
+            self.slots[rank] = tensor.clone()
+            self.barrier.wait()
+            total = sum(self.slots[1:], self.slots[0].clone())  # the same order in every thread
+            self.barrier.wait()  # all have read before any slot is overwritten
+            tensor.copy_(total)
+        return all_reduce
+
+
+def run_sharded(shards, W, b, class_means=None):
+    """nc_statistics of each (H, y) shard, in its own thread, summing through ThreadSum."""
+    collective, results, errors = ThreadSum(len(shards)), [None] * len(shards), []
+
+    def work(rank):
+        try:
+            H, y = shards[rank]
+            results[rank] = nc_statistics(H, y, W, b, class_means=class_means,
+                                          all_reduce=collective.for_rank(rank))
+        except Exception as error:  # reported below, in the test's thread
+            errors.append(error)
+            collective.barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(rank,)) for rank in range(len(shards))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+def test_all_reduce_over_shards_equals_the_whole_split():
+    H, y, W, b = clustered(22, n=500)
+    train_means = design_class_means(H, y, 5) + 0.05
+    whole = nc_statistics(H, y, W, b, class_means=train_means)
+    # The first shard lacks class 4 entirely: the union must still see it.
+    first = y != 4
+    first[250:] = False
+    shards = [(H[first], y[first]), (H[~first], y[~first])]
+    results = run_sharded(shards, W, b, class_means=train_means)
+    for result in results:
+        assert_agrees(result.metrics, whole.metrics, rtol=1e-11)
+        assert result.metrics["num_samples"] == len(y)
+        torch.testing.assert_close(result.class_means, whole.class_means, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(results[0].logits.numpy(), whole.logits.numpy()[first], rtol=1e-13, atol=1e-12)
+
+
+def test_all_reduce_agrees_on_non_finite_rows_in_one_shard():
+    H, y, W, b = clustered(23, n=200)
+    H = H.copy()
+    H[150, 0] = math.nan  # only the second shard diverged
+    results = run_sharded([(H[:100], y[:100]), (H[100:], y[100:])], W, b)
+    for result in results:
+        assert result.metrics["nan_reasons"]["nc1"] == "1 of 200 feature rows are non-finite"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_and_cpu_give_the_same_values():
+    H, y, W, b = clustered(24, n=2000, d=64, C=10)
+    means = design_class_means(H, y, 10) + 0.1
+    cpu = nc_statistics(torch.from_numpy(H).float(), torch.from_numpy(y), W, b, class_means=means)
+    gpu = nc_statistics(torch.from_numpy(H).float().cuda(), torch.from_numpy(y).cuda(),
+                        torch.from_numpy(W).cuda(), torch.from_numpy(b).cuda(), class_means=means)
+    assert_agrees(gpu.metrics, cpu.metrics, rtol=1e-10)
+    assert gpu.logits.is_cuda
+    torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- simplex_etf and mixup_geometry
+
+@pytest.mark.parametrize("C, d", [(2, 1), (3, 2), (10, 9), (10, 64)])
+def test_simplex_etf_gram_matrix(C, d):
+    etf = simplex_etf(C, d, torch.Generator().manual_seed(C))
+    assert etf.shape == (C, d)
+    expected = C / (C - 1) * (torch.eye(C, dtype=torch.float64) - 1.0 / C)
+    torch.testing.assert_close(etf @ etf.T, expected, rtol=0, atol=1e-12)
+    torch.testing.assert_close(etf.norm(dim=1), torch.ones(C, dtype=torch.float64), rtol=0, atol=1e-14)
+
+
+def test_simplex_etf_refuses_too_few_dimensions_or_classes():
+    with pytest.raises(ValueError):
+        simplex_etf(10, 8)
+    with pytest.raises(ValueError):
+        simplex_etf(1, 8)
+
+
+def test_simplex_etf_is_reproducible_from_its_generator():
+    first = simplex_etf(5, 7, torch.Generator().manual_seed(3))
+    second = simplex_etf(5, 7, torch.Generator().manual_seed(3))
+    assert torch.equal(first, second)
+
+
+def test_mixup_geometry_on_features_linear_in_lambda():
+    # Class means on a simplex ETF, the ETF as classifier, mixup features exactly on the segment
+    # between the two class means: no nonlinearity; logit_a - logit_b = (2 lam - 1) C/(C-1)
+    # (e_a.e_a = 1, e_a.e_b = -1/(C-1)), so lam > 1/2 predicts a and lam < 1/2 predicts b.
+    # Same-class points sit at mu_G + 2 w_a: perfectly aligned with their classifier row.
+    C, d = 3, 6
+    etf = simplex_etf(C, d, torch.Generator().manual_seed(1))
+    lambdas = torch.tensor([0.2, 0.8], dtype=torch.float64)
+    y_a = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    y_b = torch.tensor([1, 2, 0, 1, 2, 0, 0, 1])  # the last two pairs are same-class
+    lam = lambdas.repeat(4)
+    H = lam[:, None] * etf[y_a] + (1 - lam[:, None]) * etf[y_b]
+    same = y_a == y_b
+    H[same] = etf.mean(dim=0) + 2.0 * etf[y_a[same]]
+    out = mixup_geometry(H, y_a, y_b, lam, etf, etf)
+    assert abs(out["diff_class_nonlinearity"]) < ZERO_ATOL
+    assert out["same_class_alignment"] == pytest.approx(1.0, abs=ZERO_ATOL)
+    assert out["lambdas"] == pytest.approx([0.2, 0.8])
+    assert out["pred_a_fraction"] == [0.0, 1.0] and out["pred_b_fraction"] == [1.0, 0.0]
+    assert out["pred_other_fraction"] == [0.0, 0.0]
+    assert out["margin_ab"] == pytest.approx([(2 * 0.2 - 1) * C / (C - 1), (2 * 0.8 - 1) * C / (C - 1)])
+
+
+def test_mixup_geometry_measures_departure_from_the_segment():
+    # Each different-class point pushed off the segment by a vector of length 0.5 ||mu_a - mu_b||
+    # (orthogonal to everything else here), so the departure ratio is 0.5 for every point.
+    means = torch.tensor([[1.0, 0.0, 0.0], [-1.0, 0.0, 0.0]], dtype=torch.float64)
+    W = means.clone()
+    lam = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    y_a, y_b = torch.tensor([0, 1]), torch.tensor([1, 0])
+    straight = lam[:, None] * means[y_a] + (1 - lam[:, None]) * means[y_b]
+    H = straight + torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # ||mu_0 - mu_1|| = 2
+    out = mixup_geometry(H, y_a, y_b, lam, means, W)
+    assert out["diff_class_nonlinearity"] == pytest.approx(0.5)
+    assert math.isnan(out["same_class_alignment"])  # no same-class pairs
