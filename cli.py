@@ -15,6 +15,7 @@ from models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 DEFAULT_FEATURE_EPOCH_COUNT = 8
 # Defaults that depend on the dataset. The quick digits run is tuned so that
 # collapse shows within a CPU minute (weight decay drives NC1 down under mixup);
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="bf16 autocast for forward passes; default on for CUDA, off on CPU")
     runtime.add_argument("--compile", action="store_true",
                          help="torch.compile the training step (drops the ragged last batch for a fixed shape)")
+    runtime.add_argument("--compile-mode", default="reduce-overhead", choices=COMPILE_MODES, metavar="MODE",
+                         help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)} "
+                              "(reduce-overhead replays CUDA graphs: fewer kernel launches per step)")
     runtime.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                          help="channels_last memory format for the conv nets; default on for CUDA, off on CPU")
     runtime.add_argument("--deterministic", action="store_true",

@@ -160,7 +160,7 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        step_model = torch.compile(step_model)
+        step_model = torch.compile(step_model, mode=args.compile_mode)
     optimizer = build_optimizer(args, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     mean, std = channel_stats(train.images)

@@ -36,5 +36,5 @@ for model in wrn40_10 vit_b_4; do
   done
 done
 # torch.compile with a fixed batch shape.
-step 200 $PY bench/throughput.py --model resnet18 --dataset cifar10 --device cuda --epochs 2 --compile --no-classic
+step 200 $PY bench/throughput.py --model resnet18 --dataset cifar10 --device cuda --epochs 2 --compile --compile-mode reduce-overhead --no-classic
 echo "=== done" | tee -a "$LOG"
