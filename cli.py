@@ -48,14 +48,14 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
-def _nonnegative_int(text: str) -> int:
+def nonnegative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
@@ -91,7 +91,7 @@ def _float_list(text: str) -> List[float]:
     return [float(item) for item in text.split(",") if item.strip()]
 
 
-for _parser_type, _name in ((_positive_int, "positive int"), (_nonnegative_int, "non-negative int"),
+for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "non-negative int"),
                             (_positive_float, "positive float"), (_nonnegative_float, "non-negative float"),
                             (_fraction, "fraction"), (_int_list, "comma-separated int list"),
                             (_float_list, "comma-separated float list")):
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"dataset: {', '.join(sorted(DATASETS))} (digits is bundled with scikit-learn)")
     data.add_argument("--data-dir", default="./data", metavar="DIR", help="where torchvision datasets live")
     data.add_argument("--download", action="store_true", help="download the dataset into --data-dir if missing")
-    data.add_argument("--samples-per-class", type=_positive_int, default=None, metavar="N",
+    data.add_argument("--samples-per-class", type=positive_int, default=None, metavar="N",
                       help="train on the first N samples of every class (balanced subset); default: all")
     data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                       help="random crop (4-pixel padding) + horizontal flip; default on for CIFAR/SVHN, off otherwise")
@@ -152,28 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help="multistep milestones as fractions of --epochs")
     optim.add_argument("--gamma", type=_positive_float, default=0.1, metavar="G",
                        help="multistep factor applied at each milestone")
-    optim.add_argument("--batch-size", type=_positive_int, default=128, metavar="B",
+    optim.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
                        help="global training batch size (split across processes under torchrun)")
-    optim.add_argument("--epochs", type=_positive_int, default=None, metavar="E",
+    optim.add_argument("--epochs", type=positive_int, default=None, metavar="E",
                        help=f"training epochs; default: {QUICK_RECIPE['epochs']} for digits, {PAPER_RECIPE['epochs']} otherwise")
     optim.add_argument("--seed", type=int, default=0, metavar="S",
                        help="seeds the model, shuffling, augmentation, mixup and the feature triple")
 
     measure = parser.add_argument_group("measurement")
-    measure.add_argument("--nc-every", type=_positive_int, default=1, metavar="K",
+    measure.add_argument("--nc-every", type=positive_int, default=1, metavar="K",
                          help="measure NC every K epochs (also at epoch 0, the last epoch and feature epochs)")
-    measure.add_argument("--eval-batch-size", type=_positive_int, default=1024, metavar="B",
+    measure.add_argument("--eval-batch-size", type=positive_int, default=1024, metavar="B",
                          help="batch size of the clean evaluation / NC pass")
     measure.add_argument("--feature-epochs", type=_int_list, default=None, metavar="E,E,...",
                          help=f"epochs (0 = before training) whose features are pickled; "
                               f"default: {DEFAULT_FEATURE_EPOCH_COUNT} log-spaced epochs ending at the last")
-    measure.add_argument("--feature-samples-per-class", type=_nonnegative_int, default=100, metavar="N",
+    measure.add_argument("--feature-samples-per-class", type=nonnegative_int, default=100, metavar="N",
                          help="clean training samples per class in each features pickle; 0 means all")
     measure.add_argument("--feature-classes", type=_int_list, default=None, metavar="A,B,C",
                          help="the class triple whose mixup points are pickled; default: drawn with --seed")
-    measure.add_argument("--feature-lambdas", type=_positive_int, default=21, metavar="L",
+    measure.add_argument("--feature-lambdas", type=positive_int, default=21, metavar="L",
                          help="number of lambda values on the grid 0..1 for the mixup points")
-    measure.add_argument("--feature-pairs", type=_positive_int, default=20, metavar="P",
+    measure.add_argument("--feature-pairs", type=positive_int, default=20, metavar="P",
                          help="image pairs per pair type (same class, different classes) of the triple")
     measure.add_argument("--feature-mode", default="eval", choices=("eval", "train"), metavar="MODE",
                          help="batch norm mode for the mixup points: eval (running statistics) or train "
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     output.add_argument("--resume", action="store_true",
                         help="continue the run folder from its last checkpoint up to --epochs")
-    output.add_argument("--checkpoint-every", type=_positive_int, default=1, metavar="K",
+    output.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="K",
                         help="write checkpoint.pt every K epochs (and at the end)")
     return parser
 

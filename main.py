@@ -96,9 +96,14 @@ def load_data(args, info: DatasetInfo):
     return train, test
 
 
-def check_against_data(args, train: Split, dist: DistContext) -> None:
+def check_against_data(args, train: Split, dist: DistContext, device: torch.device) -> None:
     if args.batch_size % dist.world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {dist.world} processes")
+    if args.sync_bn and dist.enabled and device.type != "cuda":
+        raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)")
+    if args.sync_bn and dist.enabled and args.feature_mode == "train":
+        # the features pickle is made by process 0 alone, and a train-mode SyncBatchNorm would wait for the others
+        raise UsageError("--feature-mode train cannot be combined with --sync-bn under torchrun")
     if args.batch_size > len(train):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the training set ({len(train)} samples)")
 
@@ -139,7 +144,7 @@ def lr_factor(args):
         return lambda epoch: 1.0
     if args.scheduler == "cosine":
         return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
-    steps = [round(m * epochs) for m in args.milestones]
+    steps = [max(1, round(m * epochs)) for m in args.milestones]  # never before the first epoch
     return lambda epoch: args.gamma ** sum(epoch >= step for step in steps)
 
 
@@ -285,7 +290,7 @@ def train_in_folder(args, argv, device, dist: DistContext) -> int:
     flags = resolve_defaults(args, info, device)
     configure_backends(args, device)
     train, test = load_data(args, info)
-    check_against_data(args, train, dist)
+    check_against_data(args, train, dist, device)
     run = build_run(args, info, train, test, device, dist)
     folder = os.path.join(args.out_dir, args.run_name)
     state = open_run_folder(args, folder, dist)

@@ -122,34 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--gpus", default=None, metavar="IDS",
                        help="GPU ids to use, e.g. 0,1,2,3, or 'cpu' (default: $CUDA_VISIBLE_DEVICES if set, "
                             "else every GPU PyTorch sees, else cpu)")
-    where.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+    where.add_argument("--jobs", type=cli.positive_int, default=1, metavar="N",
                        help="runs at the same time on each GPU, or on the CPU with --gpus cpu (default: 1)")
     what = parser.add_argument_group("what to do (default: run the grid)")
     exclusive = what.add_mutually_exclusive_group()
     exclusive.add_argument("--dry-run", action="store_true", help="print the plan (one line per run) and exit")
     exclusive.add_argument("--count", action="store_true",
                            help="print the number of grid entries and exit (for sbatch --array=0-<count - 1>)")
-    what.add_argument("--index", type=nonnegative_int, default=None, metavar="I",
+    what.add_argument("--index", type=cli.nonnegative_int, default=None, metavar="I",
                       help="only grid entry I (0-based; a SLURM array task id), on the first slot; "
                            "with --dry-run, print its plan line")
     return parser
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def nonnegative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-positive_int.__name__, nonnegative_int.__name__ = "positive int", "non-negative int"  # for argparse's messages
 
 
 def split_argv(argv: Sequence[str]) -> Tuple[List[str], List[str]]:

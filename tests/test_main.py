@@ -103,3 +103,9 @@ def test_run_gives_the_signal_handlers_back(tmp_path):
     before = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     assert run_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path)]) == 0
     assert {signum: signal.getsignal(signum) for signum in before} == before
+
+
+def test_milestones_never_fall_before_the_first_epoch(tmp_path):
+    assert run_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--lr", "0.05"]) == 0
+    document = load(os.path.join(tmp_path, "digits_mlp_cross_entropy_a1_s0", "metrics.pkl"))
+    assert [r["lr"] for r in document["epochs"]] == [0.05, 0.05]  # 0.3 x 1 epoch rounds to 0: kept at 1
