@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cli import parse_args  # noqa: E402
 from data import DATASETS, DataError, Split, load_dataset  # noqa: E402
+from data.batches import channel_stats  # noqa: E402
 from distributed import DistContext  # noqa: E402
 from main import build_run, configure_backends, resolve_defaults, resolve_device  # noqa: E402
 from models import build_model  # noqa: E402
@@ -154,7 +155,7 @@ class ClassicDataset(torch.utils.data.Dataset):
         return self.transform(image), int(self.labels[index])
 
 
-def count_host_syncs(run, device) -> list:
+def count_host_syncs(run) -> list:
     """Messages of the host syncs one training epoch makes (CUDA's sync debug mode)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -171,8 +172,8 @@ def count_host_syncs(run, device) -> list:
 def classic_loader(split: Split, flags, augment: bool):
     import torchvision.transforms as T
 
-    mean = (split.images.float().mean(dim=(0, 2, 3)) / 255).tolist()
-    std = (split.images.float().std(dim=(0, 2, 3)) / 255).tolist()
+    mean, std = (stat / 255 for stat in channel_stats(split.images))  # ToTensor scales to [0, 1]
+    mean, std = mean.tolist(), std.tolist()
     size = split.images.shape[-1]
     steps = [T.RandomCrop(size, padding=CROP_PADDING), T.RandomHorizontalFlip()] if augment else []
     transform = T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
@@ -236,7 +237,7 @@ def main(argv=None) -> int:
     print(f"project NC pass:  {nc_rate:9.0f} img/s  ({nc_s:.2f} s for train + test, "
           f"{100 * nc_s / (epoch_s + nc_s):.0f}% of epoch + NC pass)", flush=True)
     if flags.check_syncs and device.type == "cuda":
-        syncs = count_host_syncs(run, device)
+        syncs = count_host_syncs(run)
         print(f"host syncs inside a training epoch: {len(syncs)}" + (f" (first: {syncs[0]})" if syncs else ""))
     del run
     if flags.no_classic:
