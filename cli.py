@@ -36,7 +36,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows "(default: X)" only where the help does not already say what the default is."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        # identity, not equality: 0 and 0.0 equal False, yet "(default: 0)" is worth showing
+        if action.default is None or action.default is False or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--loss", default="cross_entropy", choices=sorted(LOSSES), metavar="NAME",
                       help=f"loss over logits and soft targets: {', '.join(sorted(LOSSES))}")
     loss.add_argument("--label-smoothing", type=_fraction, default=0.0, metavar="EPS",
-                      help="label smoothing of cross_entropy")
+                      help="label smoothing of every loss: soft targets t become (1 - EPS) t + EPS / C")
     loss.add_argument("--mse-scale", type=_positive_float, default=1.0, metavar="KAPPA",
                       help="scale of the one-hot target of mse, mae and smooth_l1")
     loss.add_argument("--focal-gamma", type=_nonnegative_float, default=2.0, metavar="GAMMA",

@@ -1,13 +1,17 @@
 """Losses over logits (B, C) and a soft-target matrix (B, C), so that every loss works with mixup.
 
 Each returns the mean over the batch of a per-sample loss:
-- cross_entropy: -sum_c t_c log softmax(z)_c, with optional label smoothing.
+- cross_entropy: -sum_c t_c log softmax(z)_c.
 - focal (Lin et al. 2017), soft-target form: -sum_c t_c (1 - p_c)^gamma log p_c.
 - mse (Han, Papyan & Donoho 2021): 1/2 sum_c (z_c - kappa t_c)^2.
 - mae: sum_c |z_c - kappa t_c|.
 - smooth_l1: sum_c Huber_1(z_c - kappa t_c)  (torch's smooth_l1 with beta = 1).
 The regression losses act on the logits, like the MSE of the NC literature;
 kappa (--mse-scale) scales their one-hot target.
+
+Label smoothing is a transform of the targets, t -> (1 - eps) t + eps / C,
+applied by `build_loss` in front of every loss (for cross-entropy this is
+exactly torch's `label_smoothing`), so no loss can silently ignore it.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ import torch.nn.functional as F
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def cross_entropy(label_smoothing: float = 0.0, **_) -> LossFn:
+def cross_entropy(**_) -> LossFn:
     def loss(logits, targets):
-        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+        return F.cross_entropy(logits, targets)
     return loss
 
 
@@ -59,6 +63,14 @@ LOSSES: Dict[str, Callable[..., LossFn]] = {
 }
 
 
-def build_loss(name: str, **options) -> LossFn:
-    """options: label_smoothing, mse_scale, focal_gamma (each loss takes the ones it uses)."""
-    return LOSSES[name](**options)
+def smooth_targets(targets: torch.Tensor, label_smoothing: float) -> torch.Tensor:
+    """(1 - eps) t + eps / C: every row keeps its sum of 1."""
+    return targets * (1.0 - label_smoothing) + label_smoothing / targets.shape[1]
+
+
+def build_loss(name: str, label_smoothing: float = 0.0, **options) -> LossFn:
+    """options: mse_scale, focal_gamma (each loss takes the ones it uses); label smoothing applies to all."""
+    loss = LOSSES[name](**options)
+    if not label_smoothing:
+        return loss
+    return lambda logits, targets: loss(logits, smooth_targets(targets, label_smoothing))

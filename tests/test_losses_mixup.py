@@ -58,6 +58,19 @@ def test_label_smoothing_matches_torch(smoothing):
     assert not torch.isclose(got, F.cross_entropy(logits, y))
 
 
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_label_smoothing_reaches_every_loss_as_a_target_transform(name):
+    """eps = 0.3 changes every loss, and equals that loss on (1 - eps) t + eps / C (written out here)."""
+    logits, y = logits_and_labels()
+    targets = mixup.soft_targets(y, y.roll(3), torch.linspace(0.1, 0.9, len(y)), C)
+    options = dict(mse_scale=2.0, focal_gamma=1.5)
+    plain = build_loss(name, **options)
+    smoothed = build_loss(name, label_smoothing=0.3, **options)
+    by_hand = 0.7 * targets + 0.3 / C
+    torch.testing.assert_close(smoothed(logits, targets), plain(logits, by_hand), rtol=1e-12, atol=0)
+    assert not torch.isclose(smoothed(logits, targets), plain(logits, targets), rtol=1e-3)
+
+
 @pytest.mark.parametrize("kappa", [1.0, 5.0])
 def test_mse_is_half_sum_of_squares_against_scaled_target(kappa):
     logits, y = logits_and_labels()
