@@ -34,6 +34,7 @@ def capture_state(run, epoch: int) -> dict:
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "world_size": run.dist.world,
+        "device_type": run.device.type,
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -47,6 +48,7 @@ def restore_state(run, state: dict) -> int:
     run.model.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
+    _follow_the_current_schedule(run.scheduler)
     rng = state["rng"][run.dist.rank]
     random.setstate(_as_tuple(rng["python"]))
     numpy_state = dict(rng["numpy"])
@@ -60,6 +62,25 @@ def restore_state(run, state: dict) -> int:
     run.generators.lam.bit_generator.state = rng["lam"]
     run.history[:] = [record for record in state["history"] if record["epoch"] <= state["epoch"]]
     return state["epoch"]
+
+
+def _follow_the_current_schedule(scheduler) -> None:
+    """Set each group's rate from this run's schedule at the restored epoch.
+
+    The optimizer state restores the rate the saved run's schedule set, and
+    LambdaLR.load_state_dict does not recompute it; a run extended with a
+    larger --epochs must train its next epoch at the new schedule's rate.
+    """
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
+def saved_device_type(state: dict) -> str:
+    """The device type whose random generators the checkpoint holds (older checkpoints: from the state size)."""
+    if "device_type" in state:
+        return state["device_type"]
+    cpu_state_size = torch.Generator().get_state().numel()  # a CUDA generator's state is 16 bytes
+    return "cpu" if state["rng"][0]["data"].numel() == cpu_state_size else "cuda"
 
 
 def _as_tuple(value):

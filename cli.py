@@ -16,6 +16,8 @@ from models import MODELS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+EVAL_PRECISIONS = ("float32", "bf16")
+MAX_SEED = 2**63 - 1  # numpy and torch both take any seed in 0..2^63-1
 DEFAULT_FEATURE_EPOCH_COUNT = 8
 # Defaults that depend on the dataset. The quick digits run is tuned so that
 # collapse shows within a CPU minute (weight decay drives NC1 down under mixup);
@@ -63,6 +65,13 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in 0..2^63-1, got {text}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -92,7 +101,7 @@ def _float_list(text: str) -> List[float]:
     return [float(item) for item in text.split(",") if item.strip()]
 
 
-for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "non-negative int"),
+for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "non-negative int"), (_seed, "seed"),
                             (_positive_float, "positive float"), (_nonnegative_float, "non-negative float"),
                             (_fraction, "fraction"), (_int_list, "comma-separated int list"),
                             (_float_list, "comma-separated float list")):
@@ -150,14 +159,16 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--scheduler", default="multistep", choices=SCHEDULERS, metavar="NAME",
                        help=f"learning-rate schedule per epoch: {', '.join(SCHEDULERS)}")
     optim.add_argument("--milestones", type=_float_list, default=[0.3, 0.5, 0.9], metavar="F,F,...",
-                       help="multistep milestones as fractions of --epochs")
+                       help="multistep milestones as fractions of --epochs, rounded to epochs; milestones that "
+                            "round to the same epoch move to the following epochs, so the rate never drops twice at once")
     optim.add_argument("--gamma", type=_positive_float, default=0.1, metavar="G",
                        help="multistep factor applied at each milestone")
     optim.add_argument("--batch-size", type=positive_int, default=128, metavar="B",
-                       help="global training batch size (split across processes under torchrun)")
+                       help="global training batch size (split across processes under torchrun); a last batch "
+                            "of a single sample is dropped, since batch norm cannot train on one sample")
     optim.add_argument("--epochs", type=positive_int, default=None, metavar="E",
                        help=f"training epochs; default: {QUICK_RECIPE['epochs']} for digits, {PAPER_RECIPE['epochs']} otherwise")
-    optim.add_argument("--seed", type=int, default=0, metavar="S",
+    optim.add_argument("--seed", type=_seed, default=0, metavar="S",
                        help="seeds the model, shuffling, augmentation, mixup and the feature triple")
 
     measure = parser.add_argument_group("measurement")
@@ -176,6 +187,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="number of lambda values on the grid 0..1 for the mixup points")
     measure.add_argument("--feature-pairs", type=positive_int, default=20, metavar="P",
                          help="image pairs per pair type (same class, different classes) of the triple")
+    measure.add_argument("--eval-precision", default="float32", choices=EVAL_PRECISIONS, metavar="P",
+                         help="precision of the measurement forward (NC pass, clean loss/accuracy, feature "
+                              "pickles): float32 (no TF32 either), or bf16 autocast, faster but with a rounding "
+                              "floor under NC1 of about 1e-6 (C-1) |h|^2 / |mu_c - mu_G|^2; training uses --amp")
     measure.add_argument("--feature-mode", default="eval", choices=("eval", "train"), metavar="MODE",
                          help="batch norm mode for the mixup points: eval (running statistics) or train "
                               "(batch statistics, as in Fisher et al. 2024; running statistics are left untouched)")

@@ -47,6 +47,19 @@ class DistContext:
         dist.all_gather_object(out, obj)
         return out
 
+    def broadcast_buffers(self, module: torch.nn.Module) -> None:
+        """Give every process process 0's buffers (batch-norm running statistics).
+
+        DDP broadcasts them only at the start of each training forward; each
+        process then updates its own copy from its own last batch, so after
+        training the copies differ. Evaluation must use one network on every
+        shard, and that network must be the one the checkpoint saves:
+        process 0's.
+        """
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

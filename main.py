@@ -22,7 +22,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from checkpoint import restore_state
+from checkpoint import restore_state, saved_device_type
 from cli import RESUMABLE_CHANGES, UsageError, default_feature_epochs, parse_args
 from collapse_metrics import simplex_etf
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
@@ -32,7 +32,7 @@ from feature_capture import FeatureCapture
 from losses import build_loss
 from models import build_model
 from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, lock_run_folder, read_checkpoint
-from train import Diverged, Generators, Interrupted, Run, make_autocast, run_epochs
+from train import Diverged, Generators, Interrupted, Run, make_autocast, make_eval_autocast, run_epochs
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -99,6 +99,9 @@ def load_data(args, info: DatasetInfo):
 def check_against_data(args, train: Split, dist: DistContext, device: torch.device) -> None:
     if args.batch_size % dist.world:
         raise UsageError(f"--batch-size {args.batch_size} is not divisible by the {dist.world} processes")
+    if args.batch_size // dist.world < 2:
+        raise UsageError(f"--batch-size {args.batch_size} gives each process fewer than 2 samples per step "
+                         f"(batch norm and mixup need at least 2)")
     if args.sync_bn and dist.enabled and device.type != "cuda":
         raise UsageError("--sync-bn needs CUDA (torch's SyncBatchNorm does not run on the CPU)")
     if args.sync_bn and dist.enabled and args.feature_mode == "train":
@@ -137,6 +140,20 @@ def build_optimizer(args, model, device: torch.device) -> torch.optim.Optimizer:
     return cls(params, lr=args.lr, weight_decay=args.weight_decay, **fast)
 
 
+def milestone_epochs(milestones, epochs: int) -> List[int]:
+    """The epochs after which the multistep schedule multiplies the rate by --gamma.
+
+    Each fraction rounds to an epoch, never before the first; one that rounds
+    onto an earlier milestone moves to the next free epoch, so the rate never
+    drops by gamma^2 at once (at 5 epochs, 0.3, 0.5, 0.9 give 2, 3, 4 rather than
+    2, 2, 4). With fewer epochs than milestones the last ones fall past the end.
+    """
+    steps: List[int] = []
+    for fraction in milestones:
+        steps.append(max(round(fraction * epochs), steps[-1] + 1 if steps else 1))
+    return steps
+
+
 def lr_factor(args):
     """Multiplier of --lr after `epoch` epochs, as a function of --epochs (so a resume may extend it)."""
     epochs = args.epochs
@@ -144,7 +161,7 @@ def lr_factor(args):
         return lambda epoch: 1.0
     if args.scheduler == "cosine":
         return lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs))
-    steps = [max(1, round(m * epochs)) for m in args.milestones]  # never before the first epoch
+    steps = milestone_epochs(args.milestones, epochs)
     return lambda epoch: args.gamma ** sum(epoch >= step for step in steps)
 
 
@@ -184,7 +201,8 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
     return Run(cfg=args, num_classes=info.num_classes, model=model, step_model=step_model, optimizer=optimizer,
                scheduler=scheduler, loss_fn=loss_fn, batches=batches, eval_splits=eval_splits,
                normalize=normalize, generators=generators, device=device,
-               autocast=make_autocast(device, args.amp), dist=dist, capture=capture, nc_epochs=nc_epochs,
+               autocast=make_autocast(device, args.amp), eval_autocast=make_eval_autocast(device, args.eval_precision),
+               dist=dist, capture=capture, nc_epochs=nc_epochs,
                feature_epochs=feature_epochs, log=None)
 
 
@@ -242,11 +260,12 @@ def resolve_defaults(args, info: DatasetInfo, device: torch.device) -> dict:
 def open_run_folder(args, folder: str, dist: DistContext):
     """Decide between a fresh run, a resume and a refusal; returns the checkpoint to resume from, if any."""
     exists = os.path.isdir(folder) and bool(os.listdir(folder))
+    if exists and dist.is_main:
+        # Before anything else: a folder another job is writing takes neither --resume nor --overwrite.
+        lock_run_folder(folder).close()
     if exists and not (args.resume or args.overwrite):
         raise UsageError(f"run folder {folder} already exists; pass --resume to continue it "
                          f"or --overwrite to replace it")
-    if exists and dist.is_main:
-        lock_run_folder(folder).close()  # refuse a folder another job is writing, before touching it
     if not args.resume:
         if exists and dist.is_main:
             shutil.rmtree(folder)
@@ -295,7 +314,7 @@ def train_in_folder(args, argv, device, dist: DistContext) -> int:
     folder = os.path.join(args.out_dir, args.run_name)
     state = open_run_folder(args, folder, dist)
     if state is not None:
-        check_resume(args, flags, folder, state, dist)
+        check_resume(args, flags, folder, state, dist, device)
     run.log = RunLog(folder, resolved_config(args, flags, argv, info, run, train, test), dist.is_main)
     dist.barrier()  # the main process has cleared an --overwrite folder before anyone writes
     run.log.start()
@@ -307,7 +326,7 @@ def train_in_folder(args, argv, device, dist: DistContext) -> int:
     return train_and_report(run, folder, start_epoch, argv)
 
 
-def check_resume(args, flags: dict, folder: str, state: dict, dist: DistContext) -> None:
+def check_resume(args, flags: dict, folder: str, state: dict, dist: DistContext, device: torch.device) -> None:
     try:
         with open(os.path.join(folder, CONFIG_FILE)) as handle:
             saved_flags = json.load(handle)["flags"]
@@ -319,6 +338,11 @@ def check_resume(args, flags: dict, folder: str, state: dict, dist: DistContext)
                          f"this job has {dist.world}")
     if state["epoch"] > args.epochs:
         raise UsageError(f"--resume: the checkpoint is at epoch {state['epoch']}, beyond --epochs {args.epochs}")
+    saved_device = saved_device_type(state)
+    if saved_device != device.type:
+        # A CUDA generator's state (seed and offset) and a CPU one's (Mersenne Twister) do not convert.
+        raise UsageError(f"--resume: the checkpoint was written on {saved_device} and this run is on {device.type}; "
+                         f"its random streams continue only on {saved_device} (pass --device {saved_device})")
 
 
 def resume_command(argv) -> str:

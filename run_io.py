@@ -91,7 +91,8 @@ def lock_run_folder(folder: str):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise RunIOError(f"run folder {folder} is in use by another process") from None
+        raise RunIOError(f"run folder {folder} is in use by another process (a run still writing it); "
+                         f"let it finish or stop it first") from None
     return handle
 
 

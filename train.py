@@ -15,7 +15,7 @@ import math
 import os
 import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -111,7 +111,8 @@ class Run:
     normalize: Normalizer
     generators: Generators
     device: torch.device
-    autocast: Callable
+    autocast: Callable            # context of the training forward (bf16 under --amp)
+    eval_autocast: Callable       # context of the measurement forward (float32 unless --eval-precision bf16)
     dist: DistContext
     capture: Optional[FeatureCapture]
     nc_epochs: set
@@ -126,6 +127,32 @@ def make_autocast(device: torch.device, enabled: bool) -> Callable:
     if not enabled:
         return nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextmanager
+def exact_float32():
+    """float32 convolutions and products without TF32.
+
+    PyTorch lets cuDNN use TF32 (10 mantissa bits) for float32 convolutions by
+    default; like bf16, that rounding would put a floor under NC1 late in training.
+    """
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_eval_autocast(device: torch.device, precision: str) -> Callable:
+    """The measurement forward's context: true float32 by default, bf16 autocast only on request.
+
+    bf16 keeps 8 mantissa bits: its rounding alone puts a floor of roughly
+    1e-6 (C-1) |h|^2 / |mu_c - mu_G|^2 under NC1, which late epochs reach.
+    """
+    if precision == "bf16":
+        return make_autocast(device, True)
+    return exact_float32
 
 
 class LaggedReadout:
@@ -254,7 +281,7 @@ def measure(run: Run, with_nc: bool) -> tuple:
     fields, nc, train_means = {}, {}, None
     for name in ("train", "test"):
         split = run.eval_splits[name]
-        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.autocast)
+        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.eval_autocast)
         if with_nc:
             result = nc_statistics(H, split.labels, weight, bias, run.num_classes, class_means=train_means,
                                    all_reduce=run.dist.all_reduce)
@@ -283,12 +310,13 @@ def measure_epoch(run: Run, epoch: int, lr: float) -> dict:
     """The record of one epoch's measurement, plus the features pickle at feature epochs."""
     with_features = epoch in run.feature_epochs
     start = time.perf_counter()
+    run.dist.broadcast_buffers(run.model)  # every shard, the pickles and the checkpoint: process 0's network
     fields, train_means = measure(run, with_nc=epoch in run.nc_epochs or with_features)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     record = {"epoch": epoch, "lr": lr, "nc_time_s": time.perf_counter() - start, **fields}
     if with_features and run.capture is not None:
-        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.autocast)
+        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.eval_autocast)
         run.log.write_features(epoch, payload)
     return record
 
@@ -333,13 +361,13 @@ def finish_epoch(run: Run, record: dict) -> None:
     run.history.append(record)
     run.log.write_metrics(run.history, "running")
     if run.dist.is_main:
-        print(summary_line(record, run.cfg.epochs), flush=True)
+        print(summary_line(record, run.cfg.epochs, mixup=run.cfg.mixup_alpha > 0), flush=True)
 
 
-def summary_line(record: dict, epochs: int) -> str:
+def summary_line(record: dict, epochs: int, mixup: bool) -> str:
     parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}", f"lr {record['lr']:.3g}"]
-    if record.get("mixup_loss") is not None:
-        parts.append(f"mixup loss {record['mixup_loss']:.4f}")
+    if record.get("mixup_loss") is not None:  # the objective over the epoch's (mixed, if mixup) batches
+        parts.append(f"{'mixup' if mixup else 'train-batch'} loss {record['mixup_loss']:.4f}")
     parts += [f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}",
               f"test acc {record['test_acc']:.4f} ece {record['test_ece']:.3f}"]
     if record["nc"]:

@@ -64,7 +64,8 @@ class TrainBatches:
     """Shuffled minibatches of a device-resident split, augmented on the device.
 
     `drop_last` keeps every batch the same shape (for torch.compile); otherwise
-    the last batch is the remainder.
+    the last batch is the remainder, unless that is a single sample: batch norm
+    cannot take batch statistics of one sample, so it is dropped.
     """
 
     def __init__(self, images, labels, batch_size: int, normalize: Normalizer, generator: torch.Generator,
@@ -74,8 +75,8 @@ class TrainBatches:
         self.augment, self.drop_last = augment, drop_last
 
     def __len__(self) -> int:
-        n = self.labels.shape[0]
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        full, remainder = divmod(self.labels.shape[0], self.batch_size)
+        return full + (remainder > 1 and not self.drop_last)
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         order = torch.randperm(self.labels.shape[0], generator=self.generator, device=self.labels.device)

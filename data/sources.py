@@ -1,6 +1,7 @@
 """Reading each dataset from its on-disk format into (N, C, H, W) uint8 tensors."""
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from dataclasses import dataclass
@@ -93,6 +94,21 @@ DATASETS: Dict[str, Tuple[DatasetInfo, Callable, Tuple[str, ...]]] = {
 }
 
 
+# Packages each dataset's loader imports: (module, the name pip installs it by).
+TORCHVISION = ("torchvision", "torchvision")
+REQUIRED_PACKAGES = {"digits": (("sklearn", "scikit-learn"),), "svhn": (TORCHVISION, ("scipy", "scipy"))}
+
+
+def _require_packages(name: str) -> None:
+    """Import the loader's packages first, so that a missing one is named as such, not taken for missing data."""
+    for module, pip_name in REQUIRED_PACKAGES.get(name, (TORCHVISION,)):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise DataError(f"{name} needs the Python package {pip_name}, which cannot be imported "
+                            f"({_one_line(error)}); install it: pip install -r requirements.txt") from None
+
+
 # What reading a missing, truncated or foreign file raises inside torchvision, pickle,
 # scipy.io or torch.frombuffer (a garbage pickle alone can raise most of these).
 READ_ERRORS = (RuntimeError, OSError, EOFError, ValueError, KeyError, IndexError, TypeError,
@@ -115,11 +131,14 @@ def _one_line(error: BaseException) -> str:
 def load_dataset(name: str, data_dir: str, download: bool) -> Tuple[DatasetInfo, Split, Split]:
     """Read both splits on the CPU; raise DataError with one line if that fails."""
     info, loader, markers = DATASETS[name]
+    _require_packages(name)
     present = [m for m in markers if os.path.exists(os.path.join(data_dir, m))]
     try:
         train, test = loader(data_dir, download)
     except _read_errors() as error:
         reason = _one_line(error)
+        if not markers:  # bundled with a package: there is nothing to download
+            raise DataError(f"{name} could not be loaded ({reason})") from None
         if download:
             raise DataError(f"{name}: download or check under --data-dir {data_dir!r} failed ({reason})") from None
         if not present:

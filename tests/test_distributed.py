@@ -4,14 +4,21 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from cli import parse_args
 from collapse_metrics import METRIC_KEYS
+from data import DATASETS
 from distributed import DistContext, shard_indices
 from helpers import CHILD_ENV, ROOT, TINY, load
+from main import build_run, load_data, resolve_defaults
+from run_io import read_checkpoint
+from train import measure
 
-RUN = [*TINY, "--epochs", "2", "--batch-size", "64", "--feature-epochs", "2"]
+EPOCHS = 3  # batch-norm buffers of the processes drift apart only once training has run
+RUN = [*TINY, "--epochs", str(EPOCHS), "--batch-size", "64", "--feature-epochs", str(EPOCHS)]
 NC_TOLERANCE = 1e-6  # relative; the issue's bar for sums taken in another order
 
 
@@ -43,9 +50,42 @@ def test_only_the_main_process_writes_and_the_run_completes(runs):
     written = [os.path.join(root, f) for root, _, files in os.walk(runs / "two") for f in files]
     assert sum(f.endswith("metrics.pkl") for f in written) == 1
     document = load(runs / "two" / "metrics.pkl")
-    assert document["status"] == "complete" and [r["epoch"] for r in document["epochs"]] == [0, 1, 2]
+    assert document["status"] == "complete" and [r["epoch"] for r in document["epochs"]] == list(range(EPOCHS + 1))
     assert document["config"]["world_size"] == 2
-    assert os.listdir(runs / "two" / "features") == ["epoch_0002.pkl"]
+    assert os.listdir(runs / "two" / "features") == [f"epoch_{EPOCHS:04d}.pkl"]
+
+
+def _checkpointed_run(folder):
+    """The run rebuilt in this one process, with the network checkpoint.pt saved."""
+    args = parse_args(RUN)
+    info = DATASETS[args.dataset][0]
+    device = torch.device("cpu")
+    resolve_defaults(args, info, device)
+    train, test = load_data(args, info)
+    run = build_run(args, info, train, test, device, DistContext())
+    run.model.load_state_dict(read_checkpoint(os.path.join(folder, "checkpoint.pt"))["model"])
+    return run
+
+
+def test_every_logged_number_of_two_processes_is_the_checkpointed_network(runs):
+    """After training, each process's batch-norm buffers differ; the log must still describe process 0's network."""
+    folder = runs / "two"
+    logged = load(folder / "metrics.pkl")["epochs"][-1]
+    run = _checkpointed_run(folder)
+    fields, train_means = measure(run, with_nc=True)
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_ece"):
+        assert math.isclose(fields[key], logged[key], rel_tol=NC_TOLERANCE), key
+    for split in ("train", "test"):
+        for key in METRIC_KEYS:
+            assert math.isclose(fields["nc"][split][key], logged["nc"][split][key], rel_tol=NC_TOLERANCE), (split, key)
+    # The features pickle and the mixup geometry come from that same network.
+    pickled = load(folder / "features" / f"epoch_{EPOCHS:04d}.pkl")
+    payload, geometry = run.capture.capture(run.model, EPOCHS, train_means, run.eval_autocast)
+    for got, want in ((payload["H"], pickled["H"]), (payload["mixup"]["H"], pickled["mixup"]["H"]),
+                      (payload["class_means"], pickled["class_means"])):
+        np.testing.assert_allclose(got, want, rtol=NC_TOLERANCE, atol=1e-9)
+    for key in ("same_class_alignment", "diff_class_nonlinearity"):
+        assert math.isclose(geometry[key], logged["mixup_geometry"][key], rel_tol=NC_TOLERANCE), key
 
 
 @pytest.mark.parametrize("n,world", [(10, 3), (9, 3), (1347, 2)])

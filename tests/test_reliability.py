@@ -121,12 +121,31 @@ def test_resume_refuses_changed_flags_and_names_them(tmp_path, capsys):
     assert "--lr 0.2 (saved 0.05)" in err[0] and "--loss 'mse' (saved 'cross_entropy')" in err[0]
 
 
-def test_resume_extends_a_complete_run(tmp_path):
-    argv = [*TINY, "--out-dir", str(tmp_path), "--run-name", "r", "--scheduler", "constant"]
-    assert run_main([*argv, "--epochs", "1"]) == 0
-    assert run_main([*argv, "--epochs", "2", "--resume"]) == 0
-    document = load(os.path.join(tmp_path, "r", "metrics.pkl"))
-    assert [r["epoch"] for r in document["epochs"]] == [0, 1, 2] and document["status"] == "complete"
+@pytest.mark.parametrize("scheduler", ["cosine", "multistep", "constant"])
+def test_resume_extends_a_complete_run_on_the_new_schedule(tmp_path, scheduler):
+    """4 epochs extended to 8 train epochs 5-8 at the rates of a fresh 8-epoch run."""
+    argv = [*TINY, "--out-dir", str(tmp_path), "--scheduler", scheduler, "--nc-every", "100", "--feature-epochs", "0"]
+    assert run_main([*argv, "--run-name", "r", "--epochs", "4"]) == 0
+    short = [r["lr"] for r in load(os.path.join(tmp_path, "r", "metrics.pkl"))["epochs"]]
+    assert run_main([*argv, "--run-name", "r", "--epochs", "8", "--resume"]) == 0
+    assert run_main([*argv, "--run-name", "fresh", "--epochs", "8"]) == 0
+    extended = load(os.path.join(tmp_path, "r", "metrics.pkl"))
+    fresh = [r["lr"] for r in load(os.path.join(tmp_path, "fresh", "metrics.pkl"))["epochs"]]
+    assert [r["epoch"] for r in extended["epochs"]] == list(range(9)) and extended["status"] == "complete"
+    lrs = [r["lr"] for r in extended["epochs"]]
+    assert lrs[:5] == short  # epochs 0-4 as the 4-epoch run trained them
+    assert lrs[5:] == pytest.approx(fresh[5:], rel=1e-12)  # the rest as the 8-epoch schedule says
+    if scheduler != "constant":
+        assert fresh[5:] != short[1:]  # the schedule does change with the length
+
+
+def test_colliding_milestones_drop_the_rate_once_per_epoch(tmp_path):
+    """At 5 epochs, 0.3 and 0.5 both round to epoch 2: the second drop moves to epoch 3."""
+    argv = [*TINY, "--epochs", "5", "--nc-every", "100", "--feature-epochs", "0", "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert run_main(argv) == 0
+    lrs = [r["lr"] for r in load(os.path.join(tmp_path, "r", "metrics.pkl"))["epochs"][1:]]
+    assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.0005, 0.00005], rel=1e-12)
 
 
 def test_existing_run_folder_is_never_overwritten_without_a_flag(tmp_path, capsys):
@@ -197,6 +216,9 @@ BAD_INPUTS = [
     (["--milestones", "0.5,0.3"], 2, "--milestones"),
     (["--resume", "--overwrite"], 2, "--resume"),
     (["--device", "tpu"], 2, "--device"),
+    (["--seed", "-1"], 2, "--seed"),
+    (["--seed", "1.5"], 2, "--seed"),
+    (["--batch-size", "1"], 2, "--batch-size"),
 ]
 
 
@@ -235,6 +257,61 @@ def test_corrupt_dataset_files_get_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "corrupt" in err[0]
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_last_batch_of_one_sample_is_dropped(tmp_path):
+    """1347 digits in batches of 673: two full batches and one sample, which batch norm cannot train on."""
+    argv = [*TINY, "--epochs", "1", "--batch-size", "673", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 0
+    assert load(os.path.join(tmp_path, "r", "metrics.pkl"))["status"] == "complete"
+
+
+def test_a_missing_package_is_named_not_taken_for_missing_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # makes `import sklearn` fail
+    assert run_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path / "runs")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "scikit-learn" in err[0] and "--download" not in err[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_on_another_device_type_is_refused_before_touching_the_folder(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "2", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main([*argv[:-4], "--epochs", "1", *argv[-4:]]) == 0
+    checkpoint = tmp_path / "r" / "checkpoint.pt"
+    state = torch.load(checkpoint, weights_only=True)
+    state["device_type"] = "cuda"  # as a GPU run writes it, with a CUDA generator's 16-byte state
+    state["rng"][0]["data"] = state["rng"][0]["pairs"] = torch.zeros(16, dtype=torch.uint8)
+    torch.save(state, checkpoint)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert run_main([*argv, "--resume", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "written on cuda" in err[0] and "--device cuda" in err[0]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
+    del state["device_type"]  # an older checkpoint: the device type is read off the generator state
+    torch.save(state, checkpoint)
+    assert run_main([*argv, "--resume"]) == 2 and "written on cuda" in capsys.readouterr().err
+
+
+def test_rerunning_a_run_in_progress_says_it_is_in_use(tmp_path, capsys):
+    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 0
+    holder = run_io.lock_run_folder(str(tmp_path / "r"))  # as the job still writing it would
+    try:
+        capsys.readouterr()
+        assert run_main(argv) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another process" in err[0] and "--resume" not in err[0]
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("alpha,label", [("1", "mixup loss"), ("0", "train-batch loss")])
+def test_epoch_line_names_the_batch_loss_by_what_was_trained(tmp_path, capsys, alpha, label):
+    argv = [*TINY, "--epochs", "1", "--mixup-alpha", alpha, "--out-dir", str(tmp_path), "--run-name", "r"]
+    assert run_main(argv) == 0
+    epoch_line = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1")][0]
+    assert label in epoch_line and ("mixup" in epoch_line) == (alpha != "0")
 
 
 def test_second_job_on_a_running_folder_is_refused(tmp_path, capsys):
