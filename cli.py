@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="lambda ~ Beta(ALPHA, ALPHA); 0 turns mixup off")
     mix.add_argument("--mixup-per-sample", action="store_true",
                      help="draw lambda per sample instead of once per batch")
+    mix.add_argument("--mixup-layer", default="input", metavar="STAGE",
+                     help="where to mix: input (mixup), a stage name of the model (manifold mixup: that stage's "
+                          "output is mixed; an unknown name lists the model's stages), or random (per batch, one of the input "
+                          "and the first two stages after the stem, as Verma et al. 2019)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, metavar="NAME",
@@ -174,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     measure = parser.add_argument_group("measurement")
     measure.add_argument("--nc-every", type=positive_int, default=1, metavar="K",
                          help="measure NC every K epochs (also at epoch 0, the last epoch and feature epochs)")
+    measure.add_argument("--nc-layers", default="", metavar="all|STAGE,...",
+                         help="also measure NC below the classifier at these stages of the model (all: every stage, "
+                              "input to output), on the clean training split in the same forward; default: none")
     measure.add_argument("--eval-batch-size", type=positive_int, default=1024, metavar="B",
                          help="batch size of the clean evaluation / NC pass")
     measure.add_argument("--feature-epochs", type=_int_list, default=None, metavar="E,E,...",
@@ -217,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument("--out-dir", default="runs", metavar="DIR", help="parent folder of run folders")
     output.add_argument("--run-name", default=None, metavar="NAME",
-                        help="run folder name; default: <dataset>_<model>_<loss>_a<alpha>_s<seed>")
+                        help="run folder name; default: <dataset>_<model>_<loss>_a<alpha>_s<seed>, with "
+                             "_mix-<stage> before _s<seed> for manifold mixup")
     output.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     output.add_argument("--resume", action="store_true",
                         help="continue the run folder from its last checkpoint up to --epochs")
@@ -227,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_run_name(args) -> str:
-    return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}_s{args.seed}"
+    place = "" if args.mixup_layer == "input" else f"_mix-{args.mixup_layer}"
+    return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}{place}_s{args.seed}"
 
 
 def default_feature_epochs(epochs: int) -> List[int]:

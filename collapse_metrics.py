@@ -77,6 +77,11 @@ METRIC_KEYS = (
     "nc2_maxangle_h", "nc2_maxangle_w", "nc2_etf_h", "nc2_etf_w",
     "nc3", "nc4",
 )
+# The metrics of a layer that has no classifier (per-layer NC, ClassMoments), plus its nearest-mean accuracy.
+LAYER_METRIC_KEYS = (
+    "nc1", "nc1_cdnv", "tr_sigma_w", "tr_sigma_b",
+    "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h",
+)
 # Elements of H held in float64 at a time: bounds every temporary whatever N
 # is. On a CPU, 4 MiB chunks stay in cache across the few operations applied
 # to each (measured on a 2-core EPYC at d=512: 1.2x faster than 8 MiB chunks,
@@ -297,7 +302,7 @@ def _mean_geometry(W, b, means, usable, reference) -> dict:
 
 
 def _squared_distances(A, B, valid):
-    """(C, C) ||a_c - b_k||^2, +inf for invalid k; differences first, so no cancellation."""
+    """(rows of A, rows of B) ||a - b_k||^2, +inf for invalid k; differences first, so no cancellation."""
     distance = torch.cdist(A, B.nan_to_num(nan=0.0), compute_mode="donot_use_mm_for_euclid_dist").square()
     return distance.masked_fill(~valid[None, :], math.inf)
 
@@ -372,6 +377,89 @@ def _geometry(suffix, rows, gram, reasons):
     }
 
 
+class ClassMoments:
+    """Statistics of features that arrive batch by batch, for the NC metrics that need no classifier.
+
+    One pass and O(C d + d^2) float64 memory whatever N: per-class sums,
+    counts and squared norms, and the second moment sum_i h_i h_i^T. The
+    within-class scatter is then S_W = sum_i h_i h_i^T - sum_c n_c mu_c mu_c^T,
+    and every metric of LAYER_METRIC_KEYS follows with the definitions of
+    `nc_metrics` (nc1 through the same P x P eigenproblem). The subtraction
+    costs about eps64 |h|^2 / (tr S_W / N) of relative precision: under 1e-8
+    for float32 features wherever their own rounding (6e-8 |h|) leaves the
+    within-class spread measurable. Non-finite rows are counted and left out,
+    without a host sync per batch.
+    """
+
+    def __init__(self, num_classes: int, dim: int, device):
+        zeros = lambda *shape: torch.zeros(*shape, dtype=torch.float64, device=device)
+        self.sums, self.counts, self.squares = zeros(num_classes, dim), zeros(num_classes), zeros(num_classes)
+        self.moment, self.nonfinite = zeros(dim, dim), zeros(())
+
+    def add(self, H: torch.Tensor, y: torch.Tensor) -> None:
+        h = H.double()
+        bad = ~torch.isfinite(h).all(dim=1)
+        self.nonfinite += bad.sum()
+        h = h.masked_fill(bad[:, None], 0.0)
+        self.sums.index_add_(0, y, h)
+        self.counts.index_add_(0, y, (~bad).double())
+        self.squares.index_add_(0, y, (h * h).sum(dim=1))
+        self.moment.addmm_(h.T, h)
+
+    def statistics(self) -> list:
+        """The tensors to sum across processes (in place) before `metrics`."""
+        return [self.sums, self.counts, self.squares, self.moment, self.nonfinite]
+
+    def class_means(self) -> torch.Tensor:
+        """(C, d) float64, NaN rows for classes without samples."""
+        return torch.where(self.counts[:, None] > 0, self.sums / self.counts.clamp(min=1)[:, None], math.nan)
+
+    def metrics(self) -> dict:
+        N, present = float(self.counts.sum()), self.counts > 0
+        P = int(present.sum())
+        metrics = {key: math.nan for key in LAYER_METRIC_KEYS}
+        reasons = {}
+        metrics.update(num_samples=int(N), num_classes_present=P, nan_reasons=reasons)
+        bad = int(self.nonfinite)
+        why = (f"{bad} feature rows are non-finite" if bad else "no samples" if N == 0
+               else "fewer than two classes present" if P < 2 else None)
+        if why:
+            reasons.update({key: why for key in LAYER_METRIC_KEYS})
+            return metrics
+        means, counts = self.class_means()[present], self.counts[present]
+        M = means - means.mean(dim=0)
+        # Rounding can leave an exactly collapsed scatter a hair below zero: clamp it to zero.
+        scatter = self.moment - (means.T * counts) @ means
+        metrics["tr_sigma_w"] = max(float(torch.trace(scatter)) / N, 0.0)
+        metrics["tr_sigma_b"] = float((M * M).sum()) / P
+        if metrics["tr_sigma_b"] == 0.0:
+            for key in ("nc1", "nc1_cdnv", "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h"):
+                reasons[key] = "all class means coincide (Sigma_B = 0)"
+            return metrics
+        gram = M @ M.T
+        eigvals, eigvecs = torch.linalg.eigh(gram)
+        keep = eigvals > eigvals.max() * P * EIGEN_RTOL_ULPS * torch.finfo(torch.float64).eps
+        project = M.T @ (eigvecs[:, keep] / eigvals[keep])  # (d, rank): nc1 = tr(A^T S_W A) / N
+        metrics["nc1"] = max(float(torch.trace(project.T @ scatter @ project)) / N, 0.0)
+        variances = ((self.squares[present] - counts * (means * means).sum(dim=1)) / counts).clamp(min=0.0)
+        metrics["nc1_cdnv"] = _cdnv(M, variances, reasons)
+        metrics.update(_geometry("h", M, gram, reasons))
+        return metrics
+
+
+def nearest_mean_hits(H, y, class_means) -> torch.Tensor:
+    """How many rows of H are nearest (Euclidean) to their own class's mean; a 0-dim float64 device tensor.
+
+    Classes whose mean is NaN (no samples) are never the nearest; ties go to
+    the lower class index, as in nc4.
+    """
+    H = _as_tensor(H).double()
+    means = _as_tensor(class_means, H.device).double()
+    y = _as_tensor(y, H.device).long()
+    distance = _squared_distances(H, means, torch.isfinite(means).all(dim=1))
+    return (distance.argmin(dim=1) == y).sum().double()
+
+
 def simplex_etf(num_classes: int, dim: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(C, d) rows of a simplex equiangular tight frame with unit-norm rows.
 
@@ -422,9 +510,7 @@ def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None) -> dict:
 
     diff = ~same
     lam_d, a, b_ = lam[diff], y_a[diff], y_b[diff]
-    straight = lam_d[:, None] * means[a] + (1 - lam_d[:, None]) * means[b_]
-    departure = (H[diff] - straight).norm(dim=1) / (means[a] - means[b_]).norm(dim=1)
-    out["diff_class_nonlinearity"] = float(departure.mean()) if diff.any() else math.nan
+    out["diff_class_nonlinearity"] = diff_class_nonlinearity(H, y_a, y_b, lam, means)
     predicted = logits[diff].argmax(dim=1)
     margin = logits[diff].gather(1, a[:, None]).squeeze(1) - logits[diff].gather(1, b_[:, None]).squeeze(1)
     for value in torch.unique(lam_d).tolist():
@@ -436,3 +522,21 @@ def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None) -> dict:
         out["pred_other_fraction"].append(float((~is_a & ~is_b).double().mean()))
         out["margin_ab"].append(float(margin[at].mean()))
     return out
+
+
+def diff_class_nonlinearity(H, y_a, y_b, lam, class_means) -> float:
+    """Mean over different-class points of ||h - (lam mu_a + (1-lam) mu_b)|| / ||mu_a - mu_b||.
+
+    0 when the features of mixed inputs interpolate the class means linearly;
+    needs no classifier, so it applies at every layer. NaN without such points.
+    """
+    H = _as_tensor(H).double()
+    device = H.device
+    y_a, y_b = _as_tensor(y_a, device).long(), _as_tensor(y_b, device).long()
+    lam, means = _as_tensor(lam, device).double(), _as_tensor(class_means, device).double()
+    diff = y_a != y_b
+    if not diff.any():
+        return math.nan
+    lam, a, b = lam[diff, None], y_a[diff], y_b[diff]
+    straight = lam * means[a] + (1 - lam) * means[b]
+    return float(((H[diff] - straight).norm(dim=1) / (means[a] - means[b]).norm(dim=1)).mean())

@@ -12,10 +12,12 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from collapse_metrics import mixup_geometry
+from collapse_metrics import diff_class_nonlinearity, mixup_geometry
 from data import Split
 from data.batches import Normalizer
+from layers import read_stages
 from mixup import default_triple, interpolate, lambda_grid, mixup_grid, triple_pairs
+from models.base import FEATURES
 
 
 def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
@@ -66,27 +68,47 @@ class FeatureCapture:
         x = self.normalize(self.pair_images)
         return interpolate(x[self.local_a], x[self.local_b], self.lam_device)
 
-    def _features(self, model, x, autocast) -> torch.Tensor:
-        chunks = []
-        for start in range(0, x.shape[0], self.batch_size):
-            with autocast():
-                chunks.append(model.features(x[start:start + self.batch_size]).float())
-        return torch.cat(chunks)
+    def _features(self, model, x, autocast, layers=(), batch_size=None) -> tuple:
+        """(features (n, d), {stage: vectors} of the named stages besides FEATURES), in batches."""
+        batch_size = batch_size or self.batch_size
+        chunks, stage_chunks = [], {name: [] for name in layers if name != FEATURES}
+        with read_stages(model, layers) as vectors:
+            for start in range(0, x.shape[0], batch_size):
+                with autocast():
+                    chunks.append(model.features(x[start:start + batch_size]).float())
+                for name, kept in stage_chunks.items():
+                    kept.append(vectors[name])
+        return torch.cat(chunks), {name: torch.cat(kept) for name, kept in stage_chunks.items()}
 
-    def _mixup_features(self, model, autocast) -> torch.Tensor:
+    def _mixup_features(self, model, autocast, layers) -> tuple:
         x = self.mixed_inputs()
         if self.mode == "eval":
-            return self._features(model, x, autocast)
+            return self._features(model, x, autocast, layers)
         # One batch, so that the batch statistics are those of all the mixup points together.
-        with batch_statistics_without_update(model), autocast():
-            return model.features(x).float()
+        with batch_statistics_without_update(model):
+            return self._features(model, x, autocast, layers, batch_size=x.shape[0])
+
+    def _layer_entries(self, H_mix, pickled_mix, stage_vectors, layer_means) -> tuple:
+        """The pickle's `layers` and the geometry's `layers`: each stage's mixup vectors beside its class means."""
+        payload, geometry = {}, {}
+        for name, means in layer_means.items():
+            H = H_mix if name == FEATURES else stage_vectors[name]
+            # FEATURES shares mixup.H's array: the pickle then stores it once
+            payload[name] = {"H": pickled_mix if name == FEATURES else H.cpu().numpy(), "class_means": means.cpu().numpy()}
+            geometry[name] = {"diff_class_nonlinearity": diff_class_nonlinearity(H, self.y_a, self.y_b, self.lam, means)}
+        return payload, geometry
 
     @torch.inference_mode()
-    def capture(self, model, epoch: int, class_means: torch.Tensor, autocast):
-        """(payload for the features pickle, mixup_geometry dict) at this epoch."""
+    def capture(self, model, epoch: int, class_means: torch.Tensor, autocast, layer_means=None):
+        """(payload for the features pickle, mixup_geometry dict) at this epoch.
+
+        `layer_means` ({stage: training class means}, from the NC pass of --nc-layers)
+        adds each stage's mixup vectors to the payload and its non-linearity to the geometry.
+        """
         model.eval()
-        H_sample = self._features(model, self.normalize(self.sample_images), autocast)
-        H_mix = self._mixup_features(model, autocast)
+        layer_means = layer_means or {}
+        H_sample, _ = self._features(model, self.normalize(self.sample_images), autocast)
+        H_mix, stage_vectors = self._mixup_features(model, autocast, list(layer_means))
         weight = model.classifier.weight.double()
         bias = model.classifier.bias
         bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
@@ -105,4 +127,7 @@ class FeatureCapture:
                 "triple": list(self.triple), "feature_mode": self.mode,
             },
         }
+        if layer_means:
+            payload["layers"], geometry["layers"] = self._layer_entries(H_mix, payload["mixup"]["H"], stage_vectors,
+                                                                        layer_means)
         return payload, geometry

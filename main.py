@@ -28,7 +28,8 @@ from collapse_metrics import simplex_etf
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
 from data.batches import Normalizer, TrainBatches, channel_stats
 from distributed import DistContext, init_from_environment, shard_indices, shutdown
-from feature_capture import FeatureCapture
+from feature_capture import FeatureCapture, first_per_class
+from layers import INPUT, RANDOM, ManifoldMixer, manifold_mixup_choices, resolve_layers
 from losses import build_loss
 from models import build_model
 from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, lock_run_folder, read_checkpoint
@@ -165,6 +166,37 @@ def lr_factor(args):
     return lambda epoch: args.gamma ** sum(epoch >= step for step in steps)
 
 
+def stage_choices(args, model) -> tuple:
+    """(stages measured by --nc-layers, places --mixup-layer may mix at), checked against the model's stages."""
+    try:
+        nc_layers = resolve_layers(model, args.nc_layers)
+    except ValueError as error:
+        raise UsageError(f"--nc-layers {args.nc_layers}: {error}") from None
+    if args.mixup_layer == INPUT:
+        return nc_layers, [INPUT]
+    if args.mixup_alpha == 0:
+        raise UsageError(f"--mixup-layer {args.mixup_layer} needs mixup (--mixup-alpha > 0)")
+    if args.mixup_layer == RANDOM:
+        return nc_layers, manifold_mixup_choices(model)
+    try:
+        places = resolve_layers(model, args.mixup_layer)
+    except ValueError as error:
+        raise UsageError(f"--mixup-layer {args.mixup_layer}: {error} (or input, random)") from None
+    if len(places) != 1:
+        raise UsageError(f"--mixup-layer takes one stage (or input, random), got {args.mixup_layer}")
+    return nc_layers, places
+
+
+def layer_sample_rows(train: Split, args, num_classes: int, dist: DistContext, device) -> torch.Tensor:
+    """Which rows of this process's clean training shard keep their stage vectors for the NCC accuracy.
+
+    The features pickle's per-class sample (--feature-samples-per-class, 0 = all), so both describe one set.
+    """
+    rows = torch.zeros(len(train), dtype=torch.bool)
+    rows[first_per_class(train.labels, args.feature_samples_per_class, num_classes)] = True
+    return (rows[shard_indices(len(train), dist, pad=False)] if dist.enabled else rows).to(device)
+
+
 def shard(split: Split, dist: DistContext, pad: bool) -> Split:
     if not dist.enabled:
         return split
@@ -175,6 +207,7 @@ def shard(split: Split, dist: DistContext, pad: bool) -> Split:
 def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: DistContext) -> Run:
     torch.manual_seed(args.seed)  # identical initial weights on every process
     model = build_classifier_model(args, info, device)
+    nc_layers, mixup_layers = stage_choices(args, model)
     step_model = model
     if args.sync_bn and dist.enabled:
         step_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -203,7 +236,10 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
                normalize=normalize, generators=generators, device=device,
                autocast=make_autocast(device, args.amp), eval_autocast=make_eval_autocast(device, args.eval_precision),
                dist=dist, capture=capture, nc_epochs=nc_epochs,
-               feature_epochs=feature_epochs, log=None)
+               feature_epochs=feature_epochs, log=None, nc_layers=nc_layers,
+               layer_sample_rows=layer_sample_rows(train, args, info.num_classes, dist, device) if nc_layers else None,
+               mixup_layers=mixup_layers,
+               mixer=ManifoldMixer(model, mixup_layers) if mixup_layers != [INPUT] else None)
 
 
 def git_commit() -> Optional[str]:
@@ -231,6 +267,7 @@ def resolved_config(args, flags: dict, argv, info: DatasetInfo, run: Run, train:
         feature_classes=run.capture.triple if run.capture else args.feature_classes,
         num_classes=info.num_classes, channels=info.channels, image_size=info.image_size,
         num_train=len(train), num_test=len(test), feature_dim=run.model.feature_dim,
+        layer_names=list(run.model.stages), nc_layers=run.nc_layers, mixup_layers=run.mixup_layers,
         num_parameters=sum(p.numel() for p in run.model.parameters()),
         device=str(run.device), world_size=run.dist.world,
         device_name=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",

@@ -30,7 +30,9 @@ from data import Split
 from data.batches import Normalizer, TrainBatches, eval_batches
 from distributed import DistContext
 from feature_capture import FeatureCapture
-from mixup import mixup_batch, sample_lambdas
+from layers import INPUT, LayerStatistics, ManifoldMixer, read_stages
+from mixup import mixup_batch, pair_permutation, sample_lambdas, soft_targets
+from models.base import FEATURES
 
 ECE_BINS = 15
 PROGRESS_REFRESH_S = 0.5  # how often the bar asks the device for running loss/accuracy
@@ -118,6 +120,10 @@ class Run:
     nc_epochs: set
     feature_epochs: set
     log: object                   # RunLog: writes the run folder (no-op on non-main processes)
+    nc_layers: List[str] = field(default_factory=list)  # stages measured below the classifier (--nc-layers)
+    layer_sample_rows: Optional[torch.Tensor] = None    # train rows whose stage vectors give the NCC accuracy
+    mixup_layers: List[str] = field(default_factory=lambda: [INPUT])  # where mixing may happen (--mixup-layer)
+    mixer: Optional[ManifoldMixer] = None                 # hooks that mix a stage's output (manifold mixup)
     stop: StopFlag = field(default_factory=StopFlag)
     history: List[dict] = field(default_factory=list)
 
@@ -188,6 +194,9 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
     model.train()
     lams = sample_lambdas(run.generators.lam, cfg.mixup_alpha, len(batches), batches.batch_size,
                           cfg.mixup_per_sample)
+    # Drawn after the lambdas, so that input mixup keeps its streams; one stage name per step.
+    places = [run.mixup_layers[0]] * len(batches) if len(run.mixup_layers) == 1 else \
+        [run.mixup_layers[i] for i in run.generators.lam.integers(len(run.mixup_layers), size=len(batches))]
     lams = torch.from_numpy(lams).float()
     if device.type == "cuda":
         lams = lams.pin_memory()  # a pinned source makes the one copy of the epoch asynchronous
@@ -203,8 +212,8 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
             bar.close()
             raise Interrupted(run.stop.signum)
         if cfg.mixup_alpha > 0:
-            x, targets = mixup_batch(x, y, lams[step, :y.shape[0]] if cfg.mixup_per_sample else lams[step],
-                                     run.generators.pairs, run.num_classes)
+            x, targets = mixed_batch(run, x, y, lams[step, :y.shape[0]] if cfg.mixup_per_sample else lams[step],
+                                     places[step])
         else:
             targets = F.one_hot(y, run.num_classes).float()
         with run.autocast():
@@ -234,16 +243,33 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
     return totals
 
 
+def mixed_batch(run: Run, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, place: str) -> tuple:
+    """Inputs for the step and their soft targets: the images mixed, or a stage armed to mix (manifold mixup)."""
+    if place == INPUT:
+        return mixup_batch(x, y, lam, run.generators.pairs, run.num_classes)
+    partner = pair_permutation(x.shape[0], run.generators.pairs, x.device)
+    run.mixer.arm(place, lam, partner)
+    return x, soft_targets(y, y[partner], lam, run.num_classes)
+
+
 @torch.inference_mode()
-def collect_features(model, split: Split, batch_size: int, normalize: Normalizer, autocast) -> torch.Tensor:
-    """Penultimate features (N, d) of a clean split, float32, in eval mode."""
+def collect_features(model, split: Split, batch_size: int, normalize: Normalizer, autocast,
+                     layers: Optional[LayerStatistics] = None) -> torch.Tensor:
+    """Penultimate features (N, d) of a clean split, float32, in eval mode.
+
+    With `layers`, the same forward also feeds each chosen stage's vectors to it.
+    """
     model.eval()
     H = torch.empty(len(split), model.feature_dim, dtype=torch.float32, device=split.labels.device)
     start = 0
-    for x, _ in eval_batches(split.images, split.labels, batch_size, normalize):
-        with autocast():
-            H[start:start + x.shape[0]] = model.features(x).float()
-        start += x.shape[0]
+    with read_stages(model, layers.names if layers else ()) as stage_vectors:
+        for x, y in eval_batches(split.images, split.labels, batch_size, normalize):
+            rows = slice(start, start + x.shape[0])
+            with autocast():
+                H[rows] = model.features(x).float()
+            if layers is not None:
+                layers.add({**stage_vectors, FEATURES: H[rows]}, y, rows)
+            start = rows.stop
     return H
 
 
@@ -272,22 +298,26 @@ def calibration_record(sums: torch.Tensor) -> dict:
 def measure(run: Run, with_nc: bool) -> tuple:
     """Clean loss/accuracy of both splits, test calibration and (optionally) NC metrics.
 
-    Returns (record fields, training class means or None).
+    Returns (record fields, training class means or None, {stage: training class means} of --nc-layers).
     """
     model, cfg = run.model, run.cfg
     weight = model.classifier.weight.double()
     bias = model.classifier.bias
     bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=run.device) if bias is None else bias.double()
-    fields, nc, train_means = {}, {}, None
+    fields, nc, train_means, layer_means = {"nc_layers": None}, {}, None, {}
     for name in ("train", "test"):
         split = run.eval_splits[name]
-        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.eval_autocast)
+        layers = (LayerStatistics(run.nc_layers, run.num_classes, run.layer_sample_rows)
+                  if with_nc and name == "train" and run.nc_layers else None)
+        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.eval_autocast, layers)
         if with_nc:
             result = nc_statistics(H, split.labels, weight, bias, run.num_classes, class_means=train_means,
                                    all_reduce=run.dist.all_reduce)
             logits, nc[name] = result.logits, result.metrics
             if name == "train":
                 train_means = result.class_means
+            if layers is not None:
+                fields["nc_layers"], layer_means = layers.finish(run.dist.all_reduce, nc["train"], train_means)
         else:
             logits = H.double() @ weight.T + bias
         targets = F.one_hot(split.labels, run.num_classes).double()
@@ -303,7 +333,7 @@ def measure(run: Run, with_nc: bool) -> tuple:
             calibration = calibration_record(bins)
             fields["test_ece"], fields["test_calibration"] = calibration.pop("ece"), calibration
     fields["nc"] = nc if with_nc else None
-    return fields, train_means
+    return fields, train_means, layer_means
 
 
 def measure_epoch(run: Run, epoch: int, lr: float) -> dict:
@@ -311,12 +341,13 @@ def measure_epoch(run: Run, epoch: int, lr: float) -> dict:
     with_features = epoch in run.feature_epochs
     start = time.perf_counter()
     run.dist.broadcast_buffers(run.model)  # every shard, the pickles and the checkpoint: process 0's network
-    fields, train_means = measure(run, with_nc=epoch in run.nc_epochs or with_features)
+    fields, train_means, layer_means = measure(run, with_nc=epoch in run.nc_epochs or with_features)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     record = {"epoch": epoch, "lr": lr, "nc_time_s": time.perf_counter() - start, **fields}
     if with_features and run.capture is not None:
-        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.eval_autocast)
+        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.eval_autocast,
+                                                                layer_means)
         run.log.write_features(epoch, payload)
     return record
 

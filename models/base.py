@@ -1,8 +1,12 @@
 """The model contract of DESIGN.md, shared by every architecture."""
 from __future__ import annotations
 
+from typing import Dict, Optional
+
 import torch
 from torch import nn
+
+FEATURES = "features"  # the last stage of every model: the penultimate layer, the classifier's input
 
 
 def scaled(channels: int, width: float) -> int:
@@ -15,14 +19,22 @@ class FeatureClassifier(nn.Module):
 
     forward(x) == classifier(features(x)) by construction; no hooks are used,
     so the NC pass can take features and logits from one call of `features`.
+
+    `stages` names the network's stages, input to output: stage name -> the
+    qualified name of the submodule whose output is that stage, the last
+    always FEATURES -> "body" (the output of `features`). Per-layer
+    measurement and manifold mixup reach a stage through a forward hook on
+    that submodule (see layers.py), never through a copy of the forward.
     """
 
-    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, convolutional: bool):
+    def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, convolutional: bool,
+                 stages: Optional[Dict[str, str]] = None):
         super().__init__()
         self.body = body
         self.classifier = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
         self.convolutional = convolutional  # whether channels_last memory format helps
+        self.stages = {**(stages or {}), FEATURES: "body"}
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)

@@ -32,7 +32,9 @@ def _cifar_resnet(block, layers, in_channels, num_classes, width):
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-    return FeatureClassifier(body, planes[3] * block.expansion, num_classes, convolutional=True)
+    # The stem's output is that of the (identity) max-pool slot; layer4's spatial mean is the features.
+    stages = {"stem": "body.maxpool", **{f"layer{i}": f"body.layer{i}" for i in range(1, 5)}}
+    return FeatureClassifier(body, planes[3] * block.expansion, num_classes, convolutional=True, stages=stages)
 
 
 def resnet18(in_channels, image_size, num_classes, width=1.0):

@@ -28,7 +28,11 @@ def _vit(layers, heads, in_channels, image_size, num_classes, width):
         nn.init.trunc_normal_(body.conv_proj.weight, std=math.sqrt(1 / fan_in))
         nn.init.zeros_(body.conv_proj.bias)
     body.heads = nn.Identity()  # torchvision's forward then returns the class token's features
-    return FeatureClassifier(body, hidden, num_classes, convolutional=False)
+    # embed: the patch embeddings (before the class token, which is the same for every input there);
+    # each block's output is read at its class token.
+    stages = {"embed": "body.conv_proj",
+              **{f"block{i}": f"body.encoder.layers.encoder_layer_{i}" for i in range(layers)}}
+    return FeatureClassifier(body, hidden, num_classes, convolutional=False, stages=stages)
 
 
 def vit_b_4(in_channels, image_size, num_classes, width=1.0):

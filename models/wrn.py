@@ -34,18 +34,20 @@ def _wide_resnet(depth, widen, in_channels, num_classes, width):
     blocks_per_stage = (depth - 4) // 6
     planes = [scaled(WRN_BASE[0], width)] + [scaled(p * widen, width) for p in WRN_BASE[1:]]
     layers = [nn.Conv2d(in_channels, planes[0], 3, 1, 1, bias=False)]
+    stages = {"stem": "body.0"}
     in_planes = planes[0]
     for stage, out_planes in enumerate(planes[1:]):
         for block in range(blocks_per_stage):
             stride = 2 if stage > 0 and block == 0 else 1
             layers.append(_WideBlock(in_planes, out_planes, stride))
             in_planes = out_planes
+        stages[f"block{stage + 1}"] = f"body.{len(layers) - 1}"  # the stage's last block
     layers += [nn.BatchNorm2d(in_planes), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     body = nn.Sequential(*layers)
     for module in body.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-    return FeatureClassifier(body, in_planes, num_classes, convolutional=True)
+    return FeatureClassifier(body, in_planes, num_classes, convolutional=True, stages=stages)
 
 
 def wrn16_8(in_channels, image_size, num_classes, width=1.0):

@@ -2,10 +2,17 @@
 import math
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 
+import torch
+
 import main
+from cli import parse_args
+from data import DATASETS
+from distributed import DistContext
+from run_io import read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A digits run that finishes in about a second: a 26-unit MLP.
@@ -42,3 +49,16 @@ def without_timings(value):
     if isinstance(value, float) and math.isnan(value):
         return "nan"
     return value
+
+
+def rebuild_run(folder):
+    """A finished run rebuilt in this one process from its command, with the network its checkpoint saved."""
+    argv = shlex.split(load(os.path.join(folder, "metrics.pkl"))["config"]["command"])[2:]
+    args = parse_args(argv)
+    info = DATASETS[args.dataset][0]
+    device = torch.device("cpu")
+    main.resolve_defaults(args, info, device)
+    train, test = main.load_data(args, info)
+    run = main.build_run(args, info, train, test, device, DistContext())
+    run.model.load_state_dict(read_checkpoint(os.path.join(folder, "checkpoint.pt"))["model"])
+    return run

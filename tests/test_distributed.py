@@ -8,13 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from cli import parse_args
 from collapse_metrics import METRIC_KEYS
-from data import DATASETS
 from distributed import DistContext, shard_indices
-from helpers import CHILD_ENV, ROOT, TINY, load
-from main import build_run, load_data, resolve_defaults
-from run_io import read_checkpoint
+from helpers import CHILD_ENV, ROOT, TINY, load, rebuild_run
 from train import measure
 
 EPOCHS = 3  # batch-norm buffers of the processes drift apart only once training has run
@@ -22,17 +18,17 @@ RUN = [*TINY, "--epochs", str(EPOCHS), "--batch-size", "64", "--feature-epochs",
 NC_TOLERANCE = 1e-6  # relative; the issue's bar for sums taken in another order
 
 
-def _torchrun(processes, out, name):
+def _torchrun(processes, out, name, *extra):
     command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--standalone",
-               os.path.join(ROOT, "main.py"), *RUN, "--out-dir", str(out), "--run-name", name]
+               os.path.join(ROOT, "main.py"), *RUN, *extra, "--out-dir", str(out), "--run-name", name]
     return subprocess.run(command, cwd=ROOT, env=CHILD_ENV, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    for processes, name in ((1, "one"), (2, "two")):
-        done = _torchrun(processes, out, name)
+    for processes, name, extra in ((1, "one", ()), (2, "two", ()), (2, "manifold", ("--mixup-layer", "random"))):
+        done = _torchrun(processes, out, name, *extra)
         assert done.returncode == 0, done.stderr
     return out
 
@@ -55,24 +51,13 @@ def test_only_the_main_process_writes_and_the_run_completes(runs):
     assert os.listdir(runs / "two" / "features") == [f"epoch_{EPOCHS:04d}.pkl"]
 
 
-def _checkpointed_run(folder):
-    """The run rebuilt in this one process, with the network checkpoint.pt saved."""
-    args = parse_args(RUN)
-    info = DATASETS[args.dataset][0]
-    device = torch.device("cpu")
-    resolve_defaults(args, info, device)
-    train, test = load_data(args, info)
-    run = build_run(args, info, train, test, device, DistContext())
-    run.model.load_state_dict(read_checkpoint(os.path.join(folder, "checkpoint.pt"))["model"])
-    return run
-
-
-def test_every_logged_number_of_two_processes_is_the_checkpointed_network(runs):
+@pytest.mark.parametrize("name", ["two", "manifold"])
+def test_every_logged_number_of_two_processes_is_the_checkpointed_network(runs, name):
     """After training, each process's batch-norm buffers differ; the log must still describe process 0's network."""
-    folder = runs / "two"
+    folder = runs / name
     logged = load(folder / "metrics.pkl")["epochs"][-1]
-    run = _checkpointed_run(folder)
-    fields, train_means = measure(run, with_nc=True)
+    run = rebuild_run(folder)
+    fields, train_means, _ = measure(run, with_nc=True)
     for key in ("train_loss", "train_acc", "test_loss", "test_acc", "test_ece"):
         assert math.isclose(fields[key], logged[key], rel_tol=NC_TOLERANCE), key
     for split in ("train", "test"):

@@ -42,7 +42,7 @@ def measured_nc1(*flags) -> tuple:
     train, test = nearly_collapsed_split(1), nearly_collapsed_split(2)
     run = build_run(args, INFO, train, test, device, DistContext())
     run.model = planted_model().eval()
-    fields, _ = measure(run, with_nc=True)
+    fields, _, _ = measure(run, with_nc=True)
     x = run.normalize(train.images).flatten(1).double()
     linear = run.model.body[1]
     exact = x @ linear.weight.double().T + linear.bias.double()
