@@ -290,6 +290,54 @@ def test_fewer_dimensions_than_classes_minus_one():
     assert_agrees(metrics, design_metrics(H, y, W, b))  # Sigma_B has rank d = 2 < C - 1 = 5
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_many_classes_in_few_dimensions(seed):
+    # Sigma_B of rank 3 with 100 classes: 96 eigenvalues of G are rounding noise, which the
+    # cut-off (relative, growing with P) must drop, or nc1 picks up their inverses.
+    H, y, W, b = clustered(seed, n=1000, d=3, C=100)
+    metrics = nc_metrics(H, y, W, b)
+    assert metrics["num_classes_present"] == 100
+    assert_agrees(metrics, design_metrics(H, y, W, b))
+
+
+def test_cdnv_of_two_close_means_among_many_classes():
+    # 30 classes, two of whose means are 1e-6 apart: their pair dominates cdnv, and its squared
+    # distance must come from the difference of the means (a |a|^2 + |b|^2 - 2 a.b formula, which
+    # torch's cdist uses above 25 rows by default, loses most of its digits).
+    rng = np.random.default_rng(41)
+    C, d, per_class = 30, 8, 4
+    means = rng.normal(size=(C, d)) * 3.0
+    means[1] = means[0] + 1e-6 * rng.normal(size=d)
+    y = np.repeat(np.arange(C), per_class)
+    H = means[y] + 1e-7 * rng.normal(size=(C * per_class, d))
+    W = rng.normal(size=(C, d))
+    assert nc_metrics(H, y, W)["nc1_cdnv"] == pytest.approx(design_metrics(H, y, W)["nc1_cdnv"], rel=AGREEMENT_RTOL)
+
+
+def test_nearest_mean_of_points_next_to_the_bisector_of_close_means():
+    # 20 pairs of classes: pair centres ~1e3 apart, the two means of a pair ~1e-3 apart. Each class
+    # has a point a hair (1e-7 of the gap) on its own side of the pair's bisector and its mirror
+    # image (so the mean stays put). The classifier picks the pair by its centre, then the even
+    # class: nc4 is exactly the share of odd classes' points, 1/2, if every nearest mean is right,
+    # which needs squared distances computed from differences (not |a|^2 + |b|^2 - 2 a.b).
+    rng = np.random.default_rng(35)
+    pairs, d, t = 20, 6, 0.5 - 1e-7
+    centres = rng.normal(size=(pairs, d)) * 1e3
+    halves = rng.normal(size=(pairs, d)) * 1e-3
+    means = np.empty((2 * pairs, d))
+    means[0::2], means[1::2] = centres - halves, centres + halves
+    step = means[np.arange(2 * pairs) ^ 1] - means  # towards the other class of the pair
+    H = np.concatenate([means + t * step, means - t * step])
+    y = np.tile(np.arange(2 * pairs), 2)
+    W = np.repeat(centres, 2, axis=0)
+    b = -0.5 * (W ** 2).sum(axis=1) + (np.arange(2 * pairs) % 2 == 0)
+    with np.errstate(invalid="ignore", divide="ignore"):  # equal classifier rows: the design's W cosines
+        expected = design_metrics(H, y, W, b, class_means=means)
+    assert expected["nc4"] == expected["nc4_train_means"] == 0.5
+    metrics = nc_metrics(H, y, W, b, class_means=means)
+    assert metrics["nc4"] == 0.5 and metrics["nc4_train_means"] == 0.5
+
+
 def test_identical_features_within_each_class_give_zero_nc1():
     H, y, W, b = clustered(15)
     # float32 values: the float64 mean of n copies of a float32 number is that number exactly.
@@ -304,7 +352,7 @@ def test_identical_class_means_give_nan_with_reason():
     H = np.ones((len(y), 12), dtype=np.float32) * 0.25  # every feature equal: Sigma_B = Sigma_W = 0
     metrics = nc_metrics(H, y, W, b)
     for key in ("nc1", "nc1_cdnv", "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h", "nc3"):
-        assert math.isnan(metrics[key]) and "Sigma_B = 0" in metrics["nan_reasons"][key], key
+        assert math.isnan(metrics[key]) and metrics["nan_reasons"][key] == "all class means coincide (Sigma_B = 0)", key
     assert metrics["tr_sigma_b"] == 0.0 and metrics["tr_sigma_w"] == 0.0
     assert 0.0 <= metrics["nc4"] <= 1.0 and math.isfinite(metrics["nc2_etf_w"])
 
@@ -337,14 +385,43 @@ def test_single_class_and_empty_split():
     one = nc_metrics(H[y == 1], y[y == 1], W, b)
     assert one["num_classes_present"] == 1 and 0.0 <= one["nc4"] <= 1.0
     assert math.isnan(one["nc1"]) and one["nan_reasons"]["nc1"] == "fewer than two classes present"
-    empty = nc_metrics(H[:0], y[:0], W, b)
+    assert "nc4" not in one["nan_reasons"]  # nc4 needs no second class
+    empty = nc_metrics(H[:0], y[:0], W, b, class_means=design_class_means(H, y, 5))
     assert empty["num_samples"] == 0 and empty["nan_reasons"]["nc4"] == "no samples"
+    assert math.isnan(empty["nc4_train_means"]) and empty["nan_reasons"]["nc4_train_means"] == "no samples"
+    lone = nc_metrics(H[:0], y[:0], W[:1], b[:1])  # a one-row classifier, no samples
+    assert lone["num_samples"] == 0 and lone["nan_reasons"]["nc1"] == "no samples"
 
 
 def test_labels_out_of_range_are_refused():
     H, y, W, b = clustered(20)
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 5\), got \[1, 5\]"):
         nc_metrics(H, y + 1, W, b)
+
+
+def test_mismatched_shapes_are_refused_with_both_shapes():
+    H, y, W, b = clustered(20, n=50, d=12, C=5)
+    cases = [
+        ((H, y[:-1], W, b), r"H must be \(N, d\) and y \(N,\), got \(50, 12\) and \(49,\)"),
+        ((H[:, 0], y, W, b), r"H must be \(N, d\) and y \(N,\), got \(50,\) and \(50,\)"),
+        ((H, y, W[:, :-1], b), r"W must be \(5, 12\) and b \(5,\), got \(5, 11\) and \(5,\)"),
+        ((H, y, W, b[:-1]), r"W must be \(5, 12\) and b \(5,\), got \(5, 12\) and \(4,\)"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            nc_metrics(*args)
+    # num_classes must agree with the classifier's rows: C = 6 asks for a (6, d) W.
+    with pytest.raises(ValueError, match=r"W must be \(6, 12\)"):
+        nc_metrics(H, y, W, b, num_classes=6)
+    with pytest.raises(ValueError, match=r"W must be \(6, 12\)"):
+        nc_statistics(H, y, W, b, num_classes=6)
+
+
+def test_bfloat16_features_are_accepted():
+    # What a network under autocast gives: a tensor numpy cannot hold, so it must stay a tensor.
+    H, y, W, b = clustered(33)
+    H16 = torch.from_numpy(H).to(torch.bfloat16)
+    assert_agrees(nc_metrics(H16, y, W, b), design_metrics(H16.double().numpy(), y, W, b))
 
 
 def test_features_that_require_grad_are_accepted():
@@ -431,6 +508,28 @@ def test_gpu_and_cpu_give_the_same_values():
     torch.testing.assert_close(gpu.logits.cpu(), cpu.logits, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_features_with_the_rest_on_the_cpu():
+    # "torch tensors on any device": H on the GPU, labels, classifier and means on the CPU (as
+    # tensors and as numpy arrays) are moved to H's device, and every output lives there.
+    H, y, W, b = clustered(36, n=600, d=16, C=6)
+    means = design_class_means(H, y, 6) + 0.1
+    H_gpu = torch.from_numpy(H).cuda()
+    for labels, classifier, bias, reference in ((torch.from_numpy(y), torch.from_numpy(W), torch.from_numpy(b),
+                                                 torch.from_numpy(means)), (y, W, b, means)):
+        result = nc_statistics(H_gpu, labels, classifier, bias, class_means=reference, chunk_rows=64)
+        assert result.logits.is_cuda and result.class_means.is_cuda
+        assert_agrees(result.metrics, design_metrics(H, y, W, b, class_means=means))
+        np.testing.assert_allclose(result.logits.cpu().numpy(), H @ W.T + b, rtol=1e-12, atol=1e-12)
+    y_b = np.roll(y, 1)
+    lam = np.linspace(0.0, 1.0, len(y))
+    out = mixup_geometry(H_gpu, torch.from_numpy(y), torch.from_numpy(y_b), torch.from_numpy(lam),
+                         torch.from_numpy(means), torch.from_numpy(W), torch.from_numpy(b))
+    expected = design_mixup_geometry(H, y, y_b, lam, means, W, b)
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=1e-10), key
+
+
 # ---------------------------------------------------------------- simplex_etf and mixup_geometry
 
 @pytest.mark.parametrize("C, d", [(2, 1), (3, 2), (10, 9), (10, 64)])
@@ -443,9 +542,9 @@ def test_simplex_etf_gram_matrix(C, d):
 
 
 def test_simplex_etf_refuses_too_few_dimensions_or_classes():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"a simplex ETF of 10 classes needs 2 <= C <= d \+ 1 \(d = 8\)"):
         simplex_etf(10, 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="a simplex ETF of 1 classes"):
         simplex_etf(1, 8)
 
 
@@ -490,3 +589,173 @@ def test_mixup_geometry_measures_departure_from_the_segment():
     out = mixup_geometry(H, y_a, y_b, lam, means, W)
     assert out["diff_class_nonlinearity"] == pytest.approx(0.5)
     assert math.isnan(out["same_class_alignment"])  # no same-class pairs
+
+
+# ---------------------------------------------------------------- edge cases that mutation testing found untested (issue 16)
+
+def test_a_class_with_a_single_sample_is_present_and_its_mean_is_that_sample():
+    H, y, W, b = clustered(25)
+    single = np.flatnonzero(y == 3)[0]
+    keep = (y != 3) | (np.arange(len(y)) == single)
+    H, y = H[keep], y[keep]
+    result = nc_statistics(H, y, W, b)
+    assert result.metrics["num_classes_present"] == 5 and result.metrics["nan_reasons"] == {}
+    assert_agrees(result.metrics, design_metrics(H, y, W, b))
+    np.testing.assert_array_equal(result.class_means[3].numpy(), H[y == 3][0])
+
+
+def test_non_finite_rows_in_several_chunks_are_all_counted_and_left_out():
+    H, y, W, b = clustered(26, n=100)
+    order = np.argsort(y, kind="stable")  # sorted labels: most chunks of 7 rows miss most classes
+    H, y = H[order].copy(), y[order]
+    bad = [2, 40, 97]  # in the first, the sixth and the last chunk
+    H[bad, 0] = [math.nan, math.inf, -math.inf]
+    result = nc_statistics(H, y, W, b, chunk_rows=7)
+    assert result.metrics["nan_reasons"]["nc1"] == f"3 of {len(y)} feature rows are non-finite"
+    finite = np.ones(len(y), dtype=bool)
+    finite[bad] = False
+    np.testing.assert_allclose(result.class_means.numpy(), design_class_means(H[finite], y[finite], 5), rtol=1e-13)
+
+
+@pytest.mark.parametrize("scale", [1e-9, 1e9])
+def test_tiny_and_huge_features_agree_with_design_formulas(scale):
+    # The eigenvalue cut-off is relative to the largest eigenvalue: no absolute floor may drop
+    # (or keep) eigenvalues of features whose scale is far from 1.
+    H, y, W, b = clustered(27)
+    ours = nc_metrics(H * scale, y, W, b)
+    for key, value in design_metrics(H * scale, y, W, b).items():
+        assert ours[key] == pytest.approx(value, rel=AGREEMENT_RTOL, abs=0), key
+    assert ours["nc1"] == pytest.approx(design_metrics(H, y, W, b)["nc1"], rel=AGREEMENT_RTOL)  # scale-free
+
+
+def test_two_coinciding_class_means_among_four_make_only_cdnv_nan():
+    # Integer features (exact sums): classes 0 and 1 share the mean (1, 0, 0) with different scatter.
+    H = np.array([[2, 1, 0], [0, -1, 0], [1, 1, 1], [1, -1, -1],
+                  [-1, 2, 0], [-1, 0, 0], [0, -3, 1], [0, -1, -1]], dtype=np.float64)
+    y = np.repeat(np.arange(4), 2)
+    W = np.random.default_rng(28).normal(size=(4, 3))
+    metrics = nc_metrics(H, y, W)
+    assert math.isnan(metrics["nc1_cdnv"]) and metrics["nan_reasons"] == {"nc1_cdnv": "two class means coincide"}
+    with np.errstate(divide="ignore"):  # the design's cdnv divides by the zero distance
+        expected = design_metrics(H, y, W)
+    del expected["nc1_cdnv"]
+    assert_agrees(metrics, expected)
+
+
+def test_a_zero_classifier_row_gives_nan_w_geometry_with_reason():
+    H, y, W, b = clustered(29)
+    W = W.copy()
+    W[2] = 0.0
+    metrics = nc_metrics(H, y, W, b)
+    w_keys = [f"nc2_{name}_w" for name in ("equinorm", "equiangle", "maxangle", "etf")]
+    assert metrics["nan_reasons"] == {key: "a classifier row is zero" for key in w_keys}
+    assert all(math.isnan(metrics[key]) for key in w_keys)
+    with np.errstate(invalid="ignore"):  # the design's cosines divide by the zero norm
+        expected = {key: value for key, value in design_metrics(H, y, W, b).items() if key not in w_keys}
+    assert_agrees(metrics, expected)
+
+
+def test_a_class_mean_at_the_global_mean_gives_nan_h_geometry_with_reason():
+    # Class means (-2, 0), (2, 0), (0, 0): mu_G = 0, so class 2's row of M is zero.
+    H = np.array([[-2, 1], [-2, -1], [2, 2], [2, -2], [0, 3], [0, -3]], dtype=np.float64)
+    y = np.repeat(np.arange(3), 2)
+    W = np.array([[-1.0, 0.5], [1.0, 0.0], [0.2, 1.0]])
+    metrics = nc_metrics(H, y, W)
+    h_keys = [f"nc2_{name}_h" for name in ("equinorm", "equiangle", "maxangle", "etf")]
+    assert metrics["nan_reasons"] == {key: "a class-mean row is zero" for key in h_keys}
+    assert all(math.isnan(metrics[key]) for key in h_keys)
+    with np.errstate(invalid="ignore"):  # the design's cosines divide by the zero norm
+        expected = {key: value for key, value in design_metrics(H, y, W).items() if key not in h_keys}
+    assert_agrees(metrics, expected)
+
+
+def design_mixup_geometry(H, y_a, y_b, lam, means, W, b):
+    """mixup_geometry's docstring, point by point in numpy."""
+    mu_G = means[np.isfinite(means).all(axis=1)].mean(axis=0)
+    logits = H @ W.T + b
+    same = [i for i in range(len(H)) if y_a[i] == y_b[i]]
+    diff = [i for i in range(len(H)) if y_a[i] != y_b[i]]
+    alignment = [np.dot(H[i] - mu_G, W[y_a[i]]) / np.linalg.norm(H[i] - mu_G) / np.linalg.norm(W[y_a[i]])
+                 for i in same]
+    departure = [np.linalg.norm(H[i] - lam[i] * means[y_a[i]] - (1 - lam[i]) * means[y_b[i]])
+                 / np.linalg.norm(means[y_a[i]] - means[y_b[i]]) for i in diff]
+    out = {"same_class_alignment": np.mean(alignment), "diff_class_nonlinearity": np.mean(departure),
+           "lambdas": sorted({lam[i] for i in diff})}
+    for name in ("pred_a_fraction", "pred_b_fraction", "pred_other_fraction", "margin_ab"):
+        out[name] = []
+    for value in out["lambdas"]:
+        at = [i for i in diff if lam[i] == value]
+        predicted = [np.argmax(logits[i]) for i in at]
+        out["pred_a_fraction"].append(np.mean([p == y_a[i] for p, i in zip(predicted, at)]))
+        out["pred_b_fraction"].append(np.mean([p == y_b[i] for p, i in zip(predicted, at)]))
+        out["pred_other_fraction"].append(np.mean([p not in (y_a[i], y_b[i]) for p, i in zip(predicted, at)]))
+        out["margin_ab"].append(np.mean([logits[i, y_a[i]] - logits[i, y_b[i]] for i in at]))
+    return out
+
+
+def test_mixup_geometry_with_offset_means_unequal_rows_and_a_bias():
+    # mu_G far from 0, classifier rows of unequal norms, a bias, a class absent from training
+    # (NaN mean, left out of mu_G): nothing here can cancel a sign or a norm by symmetry.
+    rng = np.random.default_rng(30)
+    C, d, n = 5, 6, 60
+    means = rng.normal(size=(C, d)) + 3.0
+    means[4] = np.nan
+    W = rng.normal(size=(C, d)) * np.array([0.5, 1.0, 2.0, 3.0, 1.5])[:, None]
+    b = rng.normal(size=C) * 2.0
+    y_a = rng.integers(0, 4, n)
+    y_b = np.where(np.arange(n) % 4 == 0, y_a, rng.integers(0, 4, n))  # a quarter same-class at least
+    lam = rng.choice([0.2, 0.5, 0.9], size=n)
+    H = lam[:, None] * means[y_a] + (1 - lam[:, None]) * means[y_b] + rng.normal(size=(n, d))
+    ours = mixup_geometry(H, y_a, y_b, lam, means, W, b)
+    expected = design_mixup_geometry(H, y_a, y_b, lam, means, W, b)
+    assert all(0 < max(expected[key]) < 1 for key in ("pred_a_fraction", "pred_b_fraction", "pred_other_fraction"))
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, rel=1e-12), key
+
+
+# ---------------------------------------------------------------- every tensor on the input's device
+
+# The GPU tests are skipped on a CPU machine, so a tensor made on the default device instead of
+# H's goes unseen there. With the default device set to 'meta' (no data), such a tensor fails the
+# first operation that meets a CPU tensor, or shows in the outputs' .device; the tensors made on H's
+# device stay on the CPU and give the design's values.
+DEFAULT_ELSEWHERE = "meta"
+
+
+def test_no_tensor_is_made_on_the_default_device():
+    H, y, W, _ = clustered(31, n=120)
+    means = design_class_means(H, y, 5) + 0.1
+    means[4] = np.nan  # a class absent from the training split
+    H_t, y_t = torch.from_numpy(H), torch.from_numpy(y)
+    with torch.device(DEFAULT_ELSEWHERE):
+        result = nc_statistics(H_t, y_t, W, class_means=means, chunk_rows=16)  # b=None: zeros on H's device
+    assert result.logits.device == H_t.device and result.class_means.device == H_t.device
+    assert_agrees(result.metrics, design_metrics(H, y, W, class_means=means))
+    np.testing.assert_allclose(result.logits.numpy(), H @ W.T, rtol=1e-12, atol=1e-12)
+
+
+def test_no_tensor_is_made_on_the_default_device_for_non_finite_rows():
+    H, y, W, b = clustered(32, n=60)
+    H = H.copy()
+    H[[5, 50], 2] = math.nan
+    with torch.device(DEFAULT_ELSEWHERE):
+        result = nc_statistics(torch.from_numpy(H), torch.from_numpy(y), W, b, chunk_rows=16)
+    assert result.metrics["nan_reasons"]["nc1"] == "2 of 60 feature rows are non-finite"
+    finite = np.isfinite(H).all(axis=1)
+    np.testing.assert_allclose(result.class_means.numpy(), design_class_means(H[finite], y[finite], 5), rtol=1e-13)
+
+
+def test_no_tensor_is_made_on_the_default_device_by_mixup_geometry():
+    C, d = 3, 4
+    means = torch.tensor([[2.0, 0, 0, 1], [0, 2.0, 0, 1], [0, 0, 2.0, 1]], dtype=torch.float64)
+    W = torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0], [0, 0, 1.0, 0]], dtype=torch.float64)
+    y_a, y_b = torch.tensor([0, 1, 0, 2]), torch.tensor([0, 1, 1, 0])
+    lam = torch.tensor([1.0, 1.0, 0.75, 0.25], dtype=torch.float64)
+    H = lam[:, None] * means[y_a] + (1 - lam[:, None]) * means[y_b]
+    with torch.device(DEFAULT_ELSEWHERE):
+        out = mixup_geometry(H, y_a, y_b, lam, means, W)  # b=None: zeros on H's device
+    # Points on their segments; the two same-class points are their class means.
+    expected = design_mixup_geometry(H.numpy(), y_a.numpy(), y_b.numpy(), lam.numpy(), means.numpy(),
+                                     W.numpy(), np.zeros(C))
+    for key, value in expected.items():
+        assert out[key] == pytest.approx(value, rel=1e-12, abs=ZERO_ATOL), key

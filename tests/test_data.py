@@ -3,6 +3,7 @@
 Only torchvision's md5 check is patched (as torchvision's own tests do): the
 files are read by the real torchvision classes through `data.load_dataset`.
 """
+import math
 import os
 import pickle
 import struct
@@ -453,5 +454,63 @@ def test_normalizer_channels_last_keeps_values():
     plain = Normalizer(mean, std, "cpu", channels_last=False)(images)
     last = Normalizer(mean, std, "cpu", channels_last=True)(images)
     assert last.is_contiguous(memory_format=torch.channels_last)
+    assert plain.is_contiguous() and not plain.is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(plain, last)
     assert torch.allclose(plain[1, 2], (images[1, 2].float() - 3.0) / 8.0)
+
+
+def test_channel_stats_keep_a_std_below_one():
+    # Half zeros, half ones: std sqrt(n / (4 (n - 1))) < 1, a real spread that must not become 1.
+    images = torch.zeros(10, 2, 2, 2, dtype=torch.uint8)
+    images[:5] = 1
+    images[:, 1] = torch.arange(40, dtype=torch.uint8).view(10, 2, 2) * 3  # a wide second channel
+    mean, std = channel_stats(images)
+    n = 10 * 2 * 2
+    assert mean[0] == 0.5 and std[0] == pytest.approx(math.sqrt(n / (4 * (n - 1))), rel=1e-14)
+    values = 3 * torch.arange(40, dtype=torch.float64)
+    assert mean[1] == pytest.approx(values.mean().item()) and std[1] == pytest.approx(values.std().item())
+
+
+def test_random_crop_offsets_cover_zero_to_twice_the_padding():
+    images = torch.randint(1, 256, (300, 1, 6, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
+    out = random_crop_flip(images, torch.Generator().manual_seed(3), padding=2)
+    padded = torch.nn.functional.pad(images, (2,) * 4)
+    found = [crop_offsets(out[i], padded[i], 2) for i in range(images.shape[0])]
+    assert all(len(f) == 1 for f in found)  # nonzero pixels: a crop's offset is unambiguous
+    assert {f[0][0] for f in found} == set(range(5)) and {f[0][1] for f in found} == set(range(5))
+
+
+# ---------------------------------------------------------------- every tensor on the images' device
+
+# With the default device set to 'meta' (no data), a tensor made without the images' device fails the
+# first operation that meets a CPU tensor, or shows in the outputs' .device (otherwise only a run on a
+# GPU, such as bench/gpu_check.sh's, would show such a slip).
+DEFAULT_ELSEWHERE = "meta"
+
+
+def test_batching_makes_no_tensor_on_the_default_device():
+    images = torch.randint(1, 256, (12, 2, 6, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    labels = torch.arange(12)
+    generators = [torch.Generator().manual_seed(5) for _ in range(2)]
+    with torch.device(DEFAULT_ELSEWHERE):
+        mean, std = channel_stats(images)
+        normalize = Normalizer(mean, std, "cpu", channels_last=False)
+        crops = random_crop_flip(images, generators[0])
+        batches = list(TrainBatches(images, labels, 5, normalize, generators[1], augment=True, drop_last=False))
+        clean = list(eval_batches(images, labels, 5, normalize))
+    flat = images.transpose(0, 1).reshape(2, -1).double()
+    assert mean.device.type == std.device.type == "cpu"
+    torch.testing.assert_close(mean, flat.mean(dim=1), rtol=1e-14, atol=0)
+    torch.testing.assert_close(std, flat.std(dim=1), rtol=1e-14, atol=0)
+    padded = torch.nn.functional.pad(images, (CROP_PADDING,) * 4)
+    assert crops.device.type == "cpu" and all(crop_offsets(crops[i], padded[i], CROP_PADDING) for i in range(12))
+    assert all(x.device.type == y.device.type == "cpu" for x, y in batches + clean)
+    assert sorted(torch.cat([y for _, y in batches]).tolist()) == list(range(12))
+    expected = (images.float() - mean.float().view(1, -1, 1, 1)) / std.float().view(1, -1, 1, 1)
+    torch.testing.assert_close(torch.cat([x for x, _ in clean]), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_normalizer_moves_its_statistics_to_the_given_device():
+    normalize = Normalizer(torch.tensor([1.0, 2.0]), torch.tensor([4.0, 8.0]), DEFAULT_ELSEWHERE, channels_last=False)
+    assert normalize.mean.device.type == normalize.inv_std.device.type == DEFAULT_ELSEWHERE
+    assert normalize.mean.shape == normalize.inv_std.shape == (1, 2, 1, 1)

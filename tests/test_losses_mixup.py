@@ -1,4 +1,6 @@
 """Every loss on soft targets, and mixup's lambdas, pairing, mixed inputs and targets."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -118,10 +120,30 @@ def test_every_loss_takes_soft_targets_with_finite_gradients(name):
     logits, y_a = logits_and_labels()
     logits = logits.float().requires_grad_()
     targets = mixup.soft_targets(y_a, y_a.roll(3), torch.rand(8, generator=torch.Generator().manual_seed(2)), C)
-    loss = build_loss(name, label_smoothing=0.1, mse_scale=2.0, focal_gamma=2.0)(logits, targets)
-    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. softmax's deprecated implicit dim: say dim=1
+        loss = build_loss(name, label_smoothing=0.1, mse_scale=2.0, focal_gamma=2.0)(logits, targets)
+        loss.backward()
     assert loss.dim() == 0 and torch.isfinite(loss) and loss > 0
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_builders_default_to_gamma_two_and_kappa_one():
+    """Without options: focal is Lin et al.'s gamma = 2, the regression losses aim at kappa = 1 (the CLI's defaults)."""
+    logits, y = logits_and_labels()
+    targets = mixup.soft_targets(y, y.roll(2), torch.linspace(0.2, 1.0, len(y)), C).double()
+    p = logits.exp() / logits.exp().sum(dim=1, keepdim=True)
+    diff = logits - targets
+    expected = {
+        "cross_entropy": -(targets * p.log()).sum(1).mean(),
+        "focal": -(targets * (1 - p) ** 2 * p.log()).sum(1).mean(),
+        "mse": 0.5 * (diff ** 2).sum(1).mean(),
+        "mae": diff.abs().sum(1).mean(),
+        "smooth_l1": torch.where(diff.abs() < 1, 0.5 * diff ** 2, diff.abs() - 0.5).sum(1).mean(),
+    }
+    assert sorted(expected) == sorted(LOSSES)
+    for name, value in expected.items():
+        torch.testing.assert_close(build_loss(name)(logits, targets), value, rtol=1e-12, atol=0, msg=name)
 
 
 # ---------------------------------------------------------------- soft targets and mixed batches
@@ -161,6 +183,20 @@ def test_mixup_batch_mixes_the_inputs_with_the_partner(per_sample):
     torch.testing.assert_close(targets, lam.reshape(-1, 1) * F.one_hot(y, C) + (1 - lam.reshape(-1, 1))
                                * F.one_hot(y[partner], C), rtol=0, atol=1e-6)
     assert not torch.allclose(mixed, x)  # something was actually mixed
+
+
+def test_mixup_batch_makes_no_tensor_on_the_default_device():
+    # With the default device set to 'meta' (no data), a tensor made without x's device fails or
+    # shows in the outputs' .device: on a CPU machine the only way to see a forgotten device=.
+    x, y = images_and_labels()
+    lam = torch.linspace(0.1, 0.9, 16)
+    partner = torch.randperm(16, generator=torch.Generator().manual_seed(7))  # the draw the batch uses
+    generator = torch.Generator().manual_seed(7)
+    with torch.device("meta"):
+        mixed, targets = mixup.mixup_batch(x, y, lam, generator, C)
+    assert mixed.device.type == targets.device.type == "cpu"
+    weight = lam.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(mixed, weight * x + (1 - weight) * x[partner], rtol=0, atol=1e-6)
 
 
 def test_mix_with_lam_one_returns_the_batch():
@@ -216,6 +252,21 @@ def test_default_triple_is_three_distinct_classes_from_all():
     assert mixup.default_triple(100, 5) == mixup.default_triple(100, 5)
 
 
+def test_default_triple_of_three_classes_is_all_three():
+    for seed in range(20):
+        assert mixup.default_triple(3, seed) == [0, 1, 2]
+
+
+def test_triple_pairs_take_every_image_once_when_a_class_has_exactly_enough():
+    labels = np.repeat(np.arange(3), 4)  # 4 images per class, 4 pairs per type
+    index_a, index_b = mixup.triple_pairs(labels, (0, 1, 2), pairs_per_type=4, seed=3)
+    for t, (class_a, class_b) in enumerate(mixup.triple_pair_types((0, 1, 2))):
+        block = slice(4 * t, 4 * (t + 1))
+        assert sorted(index_a[block]) == list(np.flatnonzero(labels == class_a)), (class_a, class_b)
+        if class_a != class_b:  # a same-class partner is any other image of the class
+            assert sorted(index_b[block]) == list(np.flatnonzero(labels == class_b)), (class_a, class_b)
+
+
 def test_triple_pair_types_order():
     assert mixup.triple_pair_types((2, 5, 7)) == [(2, 2), (5, 5), (7, 7), (2, 5), (2, 7), (5, 7)]
 
@@ -248,6 +299,16 @@ def test_triple_pairs_same_class_with_two_images_pairs_them_with_each_other():
     assert set(zip(index_a[block], index_b[block])) <= {(1, 2), (2, 1)}
 
 
+def test_triple_pairs_same_class_partners_are_drawn_pair_by_pair():
+    # Within a class of 40 images, each pair gets its own random offset to its partner (not one
+    # offset for the whole block): the offsets of 30 pairs take many values.
+    labels = np.repeat(np.arange(3), 40)
+    index_a, index_b = mixup.triple_pairs(labels, (0, 1, 2), pairs_per_type=30, seed=4)
+    for block in (slice(0, 30), slice(30, 60), slice(60, 90)):
+        offsets = (index_b[block] - index_a[block]) % 40
+        assert np.all(offsets > 0) and len(set(offsets.tolist())) > 10
+
+
 def test_triple_pairs_single_image_class_pairs_it_with_itself():
     labels = np.array([0, 1, 1, 2, 2])
     index_a, index_b = mixup.triple_pairs(labels, (0, 1, 2), pairs_per_type=3, seed=0)
@@ -262,6 +323,7 @@ def test_triple_pairs_refuse_an_empty_class():
 def test_lambda_grid_and_mixup_grid():
     lambdas = mixup.lambda_grid(5)
     assert np.allclose(lambdas, [0, 0.25, 0.5, 0.75, 1]) and np.array_equal(mixup.lambda_grid(1), [1.0])
+    assert np.array_equal(mixup.lambda_grid(2), [0.0, 1.0])  # the two ends, not a single 1.0
     index_a, index_b = np.array([3, 4, 5]), np.array([6, 7, 8])
     flat_a, flat_b, lam = mixup.mixup_grid(index_a, index_b, lambdas)
     assert flat_a.shape == flat_b.shape == lam.shape == (15,)
