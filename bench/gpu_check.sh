@@ -7,9 +7,9 @@
 #                                        Python part runs end to end in a few minutes
 #   bash bench/gpu_check.sh e2e vit_b_4  only the named steps (a rerun of the ones that failed)
 #
-# Steps: env, tests, e2e (main.py with its default --compile, then --resume), resnet18, wrn40_10,
-# vit_b_4 (eager and the default path, compile-reduce-overhead: epoch time, img/s, FLOPs, MFU,
-# compile time, the NC pass at C = 100, a profile of each path under 35 % MFU), then, while the
+# Steps: env, tests, resnet18, wrn40_10, vit_b_4 (eager and the default path, compile-reduce-overhead:
+# epoch time, img/s, FLOPs, MFU, compile time, the NC pass at C = 100, a profile of the default path
+# when under 35 % MFU), e2e (main.py with its default --compile, then --resume), then, while the
 # budget lasts: nchw (channels_last off), compile-default, torchrun-cpu, autotune. Each step has
 # its own time limit, and a failing step does not stop the others. Files in $OUT: gpu_check.log
 # (everything), results.jsonl (one record per model and path), summary.txt (printed last too).
@@ -150,12 +150,14 @@ run_step() {  # run_step NAME LIMIT_S [MIN_BUDGET_S]: MIN_BUDGET_S makes it opti
 }
 
 # Limits assume an H100 and a cold compile cache: torch.compile of each network takes 40-120 s.
+# The three networks first (the figures; their compiled paths go through main.py's build_run and
+# the eager fallback, which they would report), then main.py's own default and --resume end to end.
 run_step env 30
 run_step tests 60
-run_step e2e 150
 run_step resnet18 150
 run_step wrn40_10 200
 run_step vit_b_4 200
+run_step e2e 150
 run_step nchw 60 60
 run_step compile-default 120 120
 run_step torchrun-cpu 90 90

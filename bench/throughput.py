@@ -46,7 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.flops import mfu, peak_bf16_tflops, training_flops_per_image  # noqa: E402
 from checkpoint import capture_state  # noqa: E402
-from cli import COMPILE_MODES, parse_args  # noqa: E402
+from cli import COMPILE_MODES, DefaultsFormatter, OneLineParser, UsageError, parse_args  # noqa: E402
 from collapse_metrics import nc_statistics  # noqa: E402
 from compilation import compiling, first_line  # noqa: E402
 from data import DATASETS, DataError, Split, load_dataset  # noqa: E402
@@ -70,9 +70,11 @@ PATH_FLAGS = {"eager": ["--no-compile"], "eager-nchw": ["--no-compile", "--no-ch
 PATHS = ("default", *PATH_FLAGS, "classic")
 PROFILE_TOP = 10
 NC_REPEATS = 2  # timed NC passes after a warm-up one (each is 1/3 of a training epoch's FLOPs or less)
-# Kernel names of tensor-core matrix work (cuBLAS/cuDNN/CUTLASS GEMMs and convolutions, flash
-# attention, Triton GEMM templates); everything else is elementwise, reductions or copies.
-MATRIX_KERNEL = re.compile(r"gemm|xmma|cutlass|conv|cudnn|fprop|dgrad|wgrad|flash|fmha|triton_tem|sm90|sm80", re.I)
+# Names of matrix work: cuBLAS/cuDNN/CUTLASS GEMM and convolution kernels, flash attention, Triton GEMM
+# templates (triton_tem_), and on the CPU the matmul operators; everything else is elementwise work,
+# reductions (batch norm too: cuDNN's "bn_" kernels are not matched) or copies. A heuristic, by name.
+MATRIX_KERNEL = re.compile(r"gemm|xmma|cutlass|conv|fprop|dgrad|wgrad|flash|fmha|triton_tem|aten::(addmm|mm|bmm)$",
+                           re.I)
 
 
 def _comma_list(choices):
@@ -86,12 +88,13 @@ def _comma_list(choices):
 
 
 def parse_flags(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--models", type=_comma_list(sorted(MODELS)), default=["resnet18"], metavar="A,B",
+    parser = OneLineParser(prog="throughput.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=DefaultsFormatter)
+    parser.add_argument("--models", type=_comma_list(sorted(MODELS)), default="resnet18", metavar="A,B",
                         help="registry models, comma-separated")
-    parser.add_argument("--paths", type=_comma_list(PATHS), default=["default"], metavar="P,Q",
-                        help=f"paths to time on each model, comma-separated: {', '.join(PATHS)}")
+    parser.add_argument("--paths", type=_comma_list(PATHS), default="default", metavar="P,Q",
+                        help=f"paths to time on each model, comma-separated, from: {', '.join(PATHS)}; "
+                             "default: default (the path main.py takes on the device)")
     parser.add_argument("--width", type=float, default=1.0, metavar="X", help="channel multiplier of every model")
     parser.add_argument("--dataset", default="cifar10", choices=sorted(DATASETS), metavar="NAME",
                         help="dataset whose shape (and data, if present) is used")
@@ -541,7 +544,11 @@ def write_record(path, record) -> None:
 
 def main(argv=None) -> int:
     flags = parse_flags(argv)
-    device = resolve_device(flags.device)
+    try:
+        device = resolve_device(flags.device)
+    except UsageError as error:
+        print(f"throughput.py: error: {error}", file=sys.stderr)
+        return 2
     train, test, source = bench_data(flags)
     name = device_label(device)
     peak = peak_bf16_tflops(name) if device.type == "cuda" else None
