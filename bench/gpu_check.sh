@@ -7,10 +7,10 @@
 #                                        Python part runs end to end in a few minutes
 #   bash bench/gpu_check.sh e2e vit_b_4  only the named steps (a rerun of the ones that failed)
 #
-# Steps: env, tests, resnet18, wrn40_10, vit_b_4 (eager and the default path, compile-reduce-overhead:
-# epoch time, img/s, FLOPs, MFU, compile time, the NC pass at C = 100, a profile of the default path
-# when under 35 % MFU), e2e (main.py with its default --compile, then --resume), then, while the
-# budget lasts: nchw (channels_last off), compile-default, torchrun-cpu, autotune. Each step has
+# Steps: env, tests, resnet18, wrn40_10, vit_b_4 (eager, eager without channels_last, and the default
+# path, compile-reduce-overhead: epoch time, img/s, FLOPs, MFU, compile time, the NC pass at C = 100,
+# a profile of the default path when under 35 % MFU), e2e (main.py with its default --compile, then
+# --resume), then, while the budget lasts: compile-default, torchrun-cpu, autotune. Each step has
 # its own time limit, and a failing step does not stop the others. Files in $OUT: gpu_check.log
 # (everything), results.jsonl (one record per model and path), summary.txt (printed last too).
 # GPU_CHECK_BUDGET_S (default 300) bounds when optional steps start; GPU_CHECK_HARD_S (default
@@ -91,12 +91,11 @@ assert document["status"] == "complete" and epochs == [0, 1, 2, 3] and document[
 EOF
       ;;
     resnet18|wrn40_10|vit_b_4)
-      # eager first (the baseline), then main.py's default path on CUDA, profiled if under 35 % MFU
-      $PY bench/throughput.py --models "$1" --paths eager,compile-reduce-overhead \
+      # eager first (the baseline; channels_last off for the conv nets), then main.py's default path on
+      # CUDA, profiled if under 35 % MFU: eager paths before the compiled one, so a compiler hang loses none
+      $PY bench/throughput.py --models "$1" --paths eager,eager-nchw,compile-reduce-overhead \
         --profile-below 0.35 --profile-paths compile-reduce-overhead \
         $( [ "$1" = resnet18 ] && echo --check-syncs ) $BENCH_ARGS ;;
-    nchw)
-      $PY bench/throughput.py --models resnet18,wrn40_10 --paths eager-nchw --no-nc $BENCH_ARGS ;;
     compile-default)
       # compile without CUDA graphs: tells whether reduce-overhead's graphs pay for ResNet-18
       $PY bench/throughput.py --models resnet18 --paths compile-default --no-nc $BENCH_ARGS ;;
@@ -158,7 +157,6 @@ run_step resnet18 150
 run_step wrn40_10 200
 run_step vit_b_4 200
 run_step e2e 150
-run_step nchw 60 60
 run_step compile-default 120 120
 run_step torchrun-cpu 90 90
 # max-autotune benchmarks every GEMM's candidate kernels: many minutes for a whole network, so it
