@@ -72,16 +72,14 @@ class CompiledWithFallback(nn.Module):
 
 def probe_step(module: nn.Module, compiled: Callable, args, kwargs) -> None:
     """One compiled forward and backward, with the module's state put back afterwards."""
-    if not torch.is_grad_enabled():
-        compiled(*args, **kwargs)  # no backward will follow: the forward is all there is to compile
-        return
     params = [p for p in module.parameters() if p.requires_grad]
     buffers = [b.detach().clone() for b in module.buffers()]
     grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
     try:
         with torch.random.fork_rng(devices=_cuda_devices(module)):
             outputs = [t for t in _tensors(compiled(*args, **kwargs)) if t.requires_grad]
-            torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
+            if outputs:  # else grad mode is off or nothing is trainable: no backward to compile
+                torch.autograd.backward(outputs, [torch.ones_like(t) for t in outputs])
     finally:
         with torch.no_grad():
             for buffer, saved in zip(module.buffers(), buffers):
