@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 15 in one run, most important first (README "Performance").
 #
-#   bash bench/gpu_check.sh              on the GPU machine; about 6 minutes on an H100
+#   bash bench/gpu_check.sh              on the GPU machine; 6-7 minutes on an H100 (capped at 7)
 #   bash bench/gpu_check.sh --quick      dry run on a CPU: --device cpu, width 1/16, 256-image epochs, and
 #                                        torch.compile made a no-op (TORCH_COMPILE_DISABLE=1), so every
-#                                        Python part runs end to end in a few minutes
+#                                        Python part runs end to end (8 minutes on a shared 2-core CPU)
 #   bash bench/gpu_check.sh e2e vit_b_4  only the named steps (a rerun of the ones that failed)
 #
 # Steps: env, tests, resnet18, wrn40_10, vit_b_4 (eager, eager without channels_last, and the default
