@@ -15,7 +15,7 @@ from models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EVAL_PRECISIONS = ("float32", "bf16")
 MAX_SEED = 2**63 - 1  # numpy and torch both take any seed in 0..2^63-1
 DEFAULT_FEATURE_EPOCH_COUNT = 8
@@ -27,7 +27,7 @@ PAPER_RECIPE = {"model": "resnet18", "epochs": 350, "lr": 0.1, "weight_decay": 5
 RECIPES = {"digits": QUICK_RECIPE}  # log-spaced feature snapshots when --feature-epochs is not given
 # Flags that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({"epochs", "resume", "overwrite", "device", "checkpoint_every", "download",
-                               "data_dir", "progress", "out_dir", "run_name"})
+                               "data_dir", "progress", "out_dir", "run_name", "compile", "compile_mode"})
 
 
 class UsageError(Exception):
@@ -206,8 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     runtime.add_argument("--device", default="auto", metavar="DEV", help="auto, cpu, cuda or cuda:N")
     runtime.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                          help="bf16 autocast for forward passes; default on for CUDA, off on CPU")
-    runtime.add_argument("--compile", action="store_true",
-                         help="torch.compile the training step (drops the ragged last batch for a fixed shape)")
+    runtime.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                         help="torch.compile the training step, eager if compilation fails (drops the ragged last "
+                              "batch for a fixed shape); default on for CUDA, off on CPU")
     runtime.add_argument("--compile-mode", default="reduce-overhead", choices=COMPILE_MODES, metavar="MODE",
                          help=f"torch.compile mode with --compile: {', '.join(COMPILE_MODES)} "
                               "(reduce-overhead replays CUDA graphs: fewer kernel launches per step)")

@@ -25,6 +25,7 @@ import torch
 from checkpoint import restore_state, saved_device_type
 from cli import RESUMABLE_CHANGES, UsageError, default_feature_epochs, parse_args
 from collapse_metrics import simplex_etf
+from compilation import compile_with_fallback, compiling
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
 from data.batches import Normalizer, TrainBatches, channel_stats
 from distributed import DistContext, init_from_environment, shard_indices, shutdown
@@ -215,7 +216,7 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
         step_model = torch.nn.parallel.DistributedDataParallel(
             step_model, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        step_model = torch.compile(step_model, mode=args.compile_mode)
+        step_model = compile_with_fallback(step_model, args.compile_mode)
     optimizer = build_optimizer(args, model, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(args))
     mean, std = channel_stats(train.images)
@@ -223,7 +224,7 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
     generators = seeded_generators(args.seed, dist.rank, device)
     local_train = shard(train, dist, pad=True).to(device)
     batches = TrainBatches(local_train.images, local_train.labels, args.batch_size // dist.world, normalize,
-                           generators.data, args.augment, drop_last=args.compile)
+                           generators.data, args.augment, drop_last=compiling(step_model))
     eval_splits = {"train": shard(train, dist, pad=False).to(device) if dist.enabled else local_train,
                    "test": shard(test, dist, pad=False).to(device)}
     feature_epochs = set(args.feature_epochs)
@@ -291,6 +292,8 @@ def resolve_defaults(args, info: DatasetInfo, device: torch.device) -> dict:
         args.channels_last = device.type == "cuda"
     if args.feature_epochs is None:
         args.feature_epochs = default_feature_epochs(args.epochs)
+    if args.compile is None:
+        args.compile = device.type == "cuda"  # CUDA graphs and fused kernels; CPU runs are conv-bound
     return flags
 
 
