@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 15 in one run, most important first (README "Performance").
 #
-#   bash bench/gpu_check.sh              on the GPU machine; 6-7 minutes on an H100 (capped at 7)
+#   bash bench/gpu_check.sh              on the GPU machine; 7-9 minutes on an H100 (capped at 9)
 #   bash bench/gpu_check.sh --quick      dry run on a CPU: --device cpu, width 1/16, 256-image epochs, and
 #                                        torch.compile made a no-op (TORCH_COMPILE_DISABLE=1), so every
 #                                        Python part runs end to end (8 minutes on a shared 2-core CPU)
@@ -13,8 +13,8 @@
 # --resume), then, while the budget lasts: compile-default, torchrun-cpu, autotune. Each step has
 # its own time limit, and a failing step does not stop the others. Files in $OUT: gpu_check.log
 # (everything), results.jsonl (one record per model and path), summary.txt (printed last too).
-# GPU_CHECK_BUDGET_S (default 300) bounds when optional steps start; GPU_CHECK_HARD_S (default
-# 420) caps every step's limit, so the whole script ends within 7 minutes, summary included.
+# GPU_CHECK_BUDGET_S (default 430) bounds when optional steps start; GPU_CHECK_HARD_S (default
+# 530) caps every step's limit, so the whole script ends within 9 minutes, summary included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 SELF=bench/gpu_check.sh
