@@ -21,16 +21,16 @@ import sys
 from typing import List, Optional
 
 from plotting.figures import calibration_figure, compare_figure, curves_figure, nc_figure
-from plotting.groups import describe_mixing, group_runs
+from plotting.groups import check_distinct_seeds, describe_mixing, group_runs
 from plotting.loading import RunError, load_runs
-from plotting.metrics import BANDS, SPLITS, parse_metric_list
+from plotting.metrics import BANDS, SPLITS, errors_for_accuracies, parse_metric_list
 from plotting.representations import VIEWS, representations_figure
 from plotting.style import DEFAULT_DPI, check_output_path, figure_style, save_figure
 from plotting.summary import DEFAULT_SUMMARY_METRICS, format_table, summary_rows, write_csv
 
 PROG = "utils.py"
 EXIT_ERROR, EXIT_USAGE = 1, 2
-DEFAULT_COMPARE_METRICS = "test_acc,train_err,nc1,nc2_etf_h,nc3,nc4"
+DEFAULT_COMPARE_METRICS = "test_err,train_err,nc1,nc2_etf_h,nc3,nc4"
 
 
 class UsageError(Exception):
@@ -98,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare = commands.add_parser("compare", help="chosen metrics against epoch, runs grouped by config keys")
     _add_run_arguments(compare, "compare.png")
     compare.add_argument("--metric", metavar="M[,M]", default=DEFAULT_COMPARE_METRICS,
-                         help=f"metrics, one panel each; NC keys may be prefixed train. or test. "
-                              f"(default: {DEFAULT_COMPARE_METRICS})")
+                         help=f"metrics, one panel each; NC keys may be prefixed train. or test.; an "
+                              f"accuracy is drawn as its error on a log axis (default: {DEFAULT_COMPARE_METRICS})")
     _add_split(compare, "split of bare NC metric names")
 
     summary = commands.add_parser("summary", help="a table of final (or --epoch) metrics, one row per group")
@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       f"(default: up to 4 spread over the saved epochs)")
     representations.add_argument("--view", metavar="VIEW", choices=VIEWS, default="triangle",
                                  help="triangle: mixup points on the triple's classifier plane; means: all "
-                                      "class means in 2-D PCA with the classifier rows (default: triangle)")
+                                      "class means in 2-D PCA with the classifier rows; cosines: the cosines "
+                                      "between class means and between classifier rows, against a simplex ETF "
+                                      "(default: triangle)")
     representations.add_argument("--samples", action="store_true",
                                  help="also draw the clean training samples of the triple (triangle view)")
     return parser
@@ -141,10 +143,13 @@ def default_output(folders: List[str], file_name: str) -> str:
     return os.path.join(shared, file_name) if shared != os.path.dirname(shared) else file_name
 
 
-def _groups(args):
+def _groups(args, averaged: bool = True):
+    """The runs and their groups; `averaged` when the command draws a group as the mean of its runs."""
     runs = load_runs(args.runs)
     by = [key.strip() for key in args.by.split(",") if key.strip()] if args.by else None
     groups = group_runs(runs, by)
+    if averaged:
+        check_distinct_seeds(groups)
     for note in describe_mixing(groups):
         print(note, file=sys.stderr)
     return runs, groups
@@ -175,13 +180,15 @@ def command_nc(args) -> None:
 
 
 def command_calibration(args) -> None:
-    runs, groups = _groups(args)
+    runs, groups = _groups(args, averaged=False)  # one panel per run
     _render(lambda: calibration_figure(groups, args.epoch), args, runs, "calibration.png")
 
 
 def command_compare(args) -> None:
-    metrics = parse_metric_list(args.metric, args.split)
+    metrics, notes = errors_for_accuracies(parse_metric_list(args.metric, args.split))
     runs, groups = _groups(args)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     _render(lambda: compare_figure(groups, metrics, args.band), args, runs, "compare.png")
 
 
@@ -196,8 +203,8 @@ def command_summary(args) -> None:
 
 
 def command_representations(args) -> None:
-    runs, groups = _groups(args)
-    name = "representations.png" if args.view == "triangle" else "representations_means.png"
+    runs, groups = _groups(args, averaged=False)  # one row per run
+    name = "representations.png" if args.view == "triangle" else f"representations_{args.view}.png"
     _render(lambda: representations_figure(groups, args.epochs, args.view, args.samples), args, runs, name)
 
 

@@ -8,7 +8,8 @@ inside a panel (train/test split, features H vs classifier W).
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from dataclasses import replace
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,14 +19,15 @@ from .groups import Group, common_description
 from .loading import Run, RunError
 from .metrics import Metric, aggregate, resolve_metric
 from .style import (band_note, draw_aggregate, figure_legend, finish_log_axis, group_handles, integer_epochs,
-                    mark_zero_level, new_figure, set_title, style_handles)
+                    mark_zero_level, new_figure, panel_title, set_title, style_handles)
 
 PANEL_WIDTH = 3.6
 PANEL_HEIGHT = 2.8
 LEGEND_HEIGHT = 0.7
 TITLE_HEIGHT = 0.4
 MAX_COLUMNS = 3
-SPLIT_STYLES = (("train (clean inputs)", "-"), ("test", "--"), ("mixup training batches", ":"))
+CLEAN_SPLIT_STYLES = (("train (clean inputs)", "-"), ("test", "--"))
+BATCHES_LINESTYLE = ":"
 HW_STYLES = ((r"$\mathbf{H}$: class means", "-"), (r"$\mathbf{W}$: classifier rows", "--"))
 GAP_COLOUR = "#D62728"
 DIAGONAL_COLOUR = "0.4"
@@ -43,8 +45,9 @@ NC_PANELS = (
     ("NC2: distance to a simplex ETF", ("nc2_etf_h", "nc2_etf_w")),
     ("NC3: self-duality", ("nc3",)),
     ("NC4: nearest class-centre mismatch", ("nc4",)),
-    ("training error", ("train_err",)),
 )
+# The last panel marks the terminal phase: the error of the split whose features are measured.
+NC_ERROR_PANELS = {"train": ("training error (clean inputs)", ("train_err",)), "test": ("test error", ("test_err",))}
 H_W_LINESTYLES = ("-", "--")
 
 
@@ -105,42 +108,72 @@ def _grid(count: int):
     return figure, axes[:count]
 
 
-def _loss_label(runs: Sequence[Run]) -> str:
-    losses = {run.config.get("loss") for run in runs}
-    return f"{losses.pop()} loss" if len(losses) == 1 and None not in losses else "loss"
+def _uses_mixup(run: Run) -> bool:
+    return float(run.config.get("mixup_alpha") or 0.0) > 0.0
+
+
+def batches_label(runs: Sequence[Run]) -> str:
+    """What the dotted line shows: the training objective over the batches the model was trained on."""
+    with_mixup = {_uses_mixup(run) for run in runs}
+    if with_mixup == {False}:
+        return "training batches"
+    if with_mixup == {True}:
+        return "mixup training batches"
+    return "training batches (mixed where mixup_alpha > 0)"
+
+
+def split_styles(runs: Sequence[Run]) -> Tuple[Tuple[str, str], ...]:
+    return CLEAN_SPLIT_STYLES + ((batches_label(runs), BATCHES_LINESTYLE),)
+
+
+def loss_panels(groups: Sequence[Group]) -> List[Tuple[str, List[Group]]]:
+    """One (loss name, groups restricted to that loss's runs) per loss: losses have their own scales."""
+    losses = sorted({str(run.config.get("loss")) for run in _all_runs(groups)})
+    panels = []
+    for loss in losses:
+        subset = [replace(group, runs=[run for run in group.runs if str(run.config.get("loss")) == loss])
+                  for group in groups]
+        panels.append((loss, [group for group in subset if group.runs]))
+    return panels
 
 
 def curves_figure(groups: Sequence[Group], band: str, show_error: bool) -> Figure:
-    """Loss (log) and accuracy, or error on a log scale as in the terminal-phase plots."""
-    figure, (loss_ax, acc_ax) = _grid(2)
-    kind = "err" if show_error else "acc"
-    loss_levels, acc_levels = [], []
-    for (_, linestyle), source in zip(SPLIT_STYLES, ("train", "test", "mixup")):
-        loss_levels += _plot_metric(loss_ax, groups, resolve_metric(f"{source}_loss"), band, linestyle)
+    """One loss panel (log) per loss, then accuracy, or error on a log scale as in the terminal-phase plots."""
+    losses = loss_panels(groups)
+    figure, axes = _grid(len(losses) + 1)
+    styles = split_styles(_all_runs(groups))
+    for ax, (loss, loss_groups) in zip(axes, losses):
+        levels = []
+        for (_, linestyle), source in zip(styles, ("train", "test", "mixup")):
+            levels += _plot_metric(ax, loss_groups, resolve_metric(f"{source}_loss"), band, linestyle)
+        _finish_axis(ax, f"{loss} loss", True, levels)
+        panel_title(ax, f"{loss} loss" if len(losses) > 1 else "loss", PANEL_WIDTH)
+    acc_ax, kind = axes[-1], "err" if show_error else "acc"
+    levels = []
+    for (_, linestyle), source in zip(styles, ("train", "test", "mixup")):
         if show_error and source == "mixup":
             continue  # mixup batches have a lambda-weighted accuracy, but no count of errors
-        acc_levels += _plot_metric(acc_ax, groups, resolve_metric(f"{source}_{kind}"), band, linestyle)
-    _finish_axis(loss_ax, _loss_label(_all_runs(groups)), True, loss_levels)
-    _finish_axis(acc_ax, "error (%)" if show_error else "accuracy (%)", show_error, acc_levels)
-    loss_ax.set_title("loss")
-    acc_ax.set_title("error" if show_error else "accuracy")
-    _span_all_epochs((loss_ax, acc_ax), groups)
-    # the loss panel always shows all three sources, so the legend names all three styles
-    figure_legend(figure, group_handles(groups) + style_handles(SPLIT_STYLES))
+        levels += _plot_metric(acc_ax, groups, resolve_metric(f"{source}_{kind}"), band, linestyle)
+    _finish_axis(acc_ax, "error (%)" if show_error else "accuracy (%)", show_error, levels)
+    panel_title(acc_ax, "error" if show_error else "accuracy", PANEL_WIDTH)
+    _span_all_epochs(axes, groups)
+    # the loss panels always show all three sources, so the legend names all three styles
+    figure_legend(figure, group_handles(groups) + style_handles(styles))
     _title(figure, "Training curves", _all_runs(groups), groups, band, _grouping_keys(groups))
     return figure
 
 
 def nc_figure(groups: Sequence[Group], split: str, band: str) -> Figure:
     """The Papyan et al. 2020 panels against epoch, for one split."""
-    figure, axes = _grid(len(NC_PANELS))
-    for ax, (title, keys) in zip(axes, NC_PANELS):
+    panels = NC_PANELS + (NC_ERROR_PANELS[split],)
+    figure, axes = _grid(len(panels))
+    for ax, (title, keys) in zip(axes, panels):
         metrics = [resolve_metric(key, split) for key in keys]
         levels = []
         for metric, linestyle in zip(metrics, H_W_LINESTYLES):
             levels += _plot_metric(ax, groups, metric, band, linestyle)
         _finish_axis(ax, metrics[0].label, metrics[0].log, levels)
-        ax.set_title(title)
+        panel_title(ax, title, PANEL_WIDTH)
     _span_all_epochs(axes, groups)
     figure_legend(figure, group_handles(groups) + style_handles(HW_STYLES))
     _title(figure, f"Neural collapse, {split} split", _all_runs(groups), groups, band, _grouping_keys(groups))
@@ -153,7 +186,7 @@ def compare_figure(groups: Sequence[Group], metrics: Sequence[Metric], band: str
     for ax, metric in zip(axes, metrics):
         levels = _plot_metric(ax, groups, metric, band)
         _finish_axis(ax, metric.label, metric.log, levels)
-        ax.set_title(metric.title)
+        panel_title(ax, metric.title, PANEL_WIDTH)
     _span_all_epochs(axes, groups)
     figure_legend(figure, group_handles(groups))
     by = ", ".join(_grouping_keys(groups)) or "config"

@@ -2,15 +2,20 @@
 
 A group is a set of runs that agree on the grouping keys; runs that differ
 only in --seed always fall in one group and are aggregated. Its label names
-the config difference ("loss=mse"), and its colour is derived from that label
-alone, so the same group has the same colour in every subcommand.
+the config difference ("loss=mse"). Its colour names the value of the first
+grouping key: a hue from a fixed palette, in the sorted order of that key's
+values, so figures of one sweep agree on what each colour means; the other
+keys' values lighten that hue.
 """
 from __future__ import annotations
 
-import hashlib
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.colors import to_hex, to_rgb
 
 from .loading import Run, RunError
 
@@ -29,9 +34,13 @@ DERIVED_KEYS = frozenset({
     "num_parameters", "feature_dim", "num_classes", "channels", "image_size", "num_train", "num_test",
     "world_size",
 })
-# Tableau's qualitative colours without grey and cyan (too close to blue): any two
-# of them stay apart in a legend, since a group's palette slot comes from a hash.
-GROUP_PALETTE = ("#1F77B4", "#FF7F0E", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#E377C2", "#BCBD22")
+# Tableau's qualitative colours without grey and cyan (too close to blue), in this
+# order for the sorted values of the first grouping key.
+GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22")
+# More values than the palette holds: evenly spaced along a sequential map (its pale end left out).
+MANY_VALUES_CMAP, MANY_VALUES_RANGE = "viridis", (0.0, 0.9)
+# The other grouping keys' values mix up to this share of white into the hue (first value: none).
+LIGHTEST_SHADE = 0.5
 # Keys described in a figure's title when every run shares them, in this order.
 TITLE_KEYS = ("dataset", "model", "width", "loss", "mixup_alpha", "optimizer", "lr", "epochs")
 
@@ -135,25 +144,62 @@ def _label(key: tuple, runs: Sequence[Run]) -> str:
     return ", ".join(format_value(freeze(config.get(k))) for k in ("dataset", "model", "loss") if k in config)
 
 
-def _hash_index(label: str) -> int:
-    return int(hashlib.sha256(label.encode()).hexdigest(), 16) % len(GROUP_PALETTE)
+def _sort_key(values: tuple) -> tuple:
+    return tuple(_sortable(v) for v in values)
+
+
+def hue_palette(count: int) -> List[str]:
+    """`count` distinct hues: the palette's first ones, or a sequential map when it is too short."""
+    if count <= len(GROUP_PALETTE):
+        return list(GROUP_PALETTE[:count])
+    return [to_hex(c) for c in colormaps[MANY_VALUES_CMAP](np.linspace(*MANY_VALUES_RANGE, count))]
+
+
+def lighten(colour: str, share_of_white: float) -> str:
+    rgb = np.asarray(to_rgb(colour))
+    return to_hex(rgb + (1.0 - rgb) * share_of_white)
 
 
 def assign_colours(groups: Sequence[Group]) -> None:
-    """Each group's colour from its label; a clash within one figure moves to the next free colour.
+    """Hue from the value of the first grouping key, shade from the values of the others.
 
-    The groups arrive in a fixed order, so the same set of groups gets the same
-    colours in every subcommand.
+    Both come from the place of the value in the sorted values of the runs drawn,
+    never from the label: `loss=mse` keeps its hue when `--by` adds a key, and
+    every subcommand over the same runs gives every value the same colour.
     """
-    taken = set()
+    firsts = sorted({group.key[:1] for group in groups}, key=_sort_key)
+    rests = sorted({group.key[1:] for group in groups}, key=_sort_key)
+    hues = hue_palette(len(firsts))
+    shades = np.linspace(0.0, LIGHTEST_SHADE, len(rests)) if len(rests) > 1 else [0.0]
     for group in groups:
-        index = _hash_index(group.label)
-        for step in range(len(GROUP_PALETTE)):
-            candidate = GROUP_PALETTE[(index + step) % len(GROUP_PALETTE)]
-            if candidate not in taken or len(taken) >= len(GROUP_PALETTE):
-                break
-        group.colour = candidate
-        taken.add(candidate)
+        hue = hues[firsts.index(group.key[:1])]
+        group.colour = lighten(hue, shades[rests.index(group.key[1:])])
+
+
+def repeated_seeds(groups: Sequence[Group]) -> List[str]:
+    """Runs of one group that share every experiment setting and the seed: 'label seed S in folder, folder'.
+
+    A mean over such runs would count that seed more than once.
+    """
+    repeats = []
+    for group in groups:
+        keys = sorted({key for run in group.runs for key in experiment_keys(run)} | {SEED_KEY})
+        folders = defaultdict(list)
+        for run in group.runs:
+            folders[tuple(freeze(run.config.get(key)) for key in keys)].append(run)
+        for runs in folders.values():
+            if len(runs) > 1:
+                repeats.append(f"{group.label or 'all runs'} seed {runs[0].seed} in "
+                               f"{', '.join(run.folder for run in runs)}")
+    return repeats
+
+
+def check_distinct_seeds(groups: Sequence[Group]) -> None:
+    """Refuse groups that would average a seed with a copy of itself."""
+    repeats = repeated_seeds(groups)
+    if repeats:
+        raise RunError(f"runs repeat a setting and its seed, so a mean would count that seed twice: "
+                       f"{'; '.join(repeats)} (keep one run folder per seed)")
 
 
 def common_description(runs: Sequence[Run], exclude: Sequence[str] = ()) -> str:

@@ -108,6 +108,8 @@ def _build_registry() -> Dict[str, Metric]:
         Metric("train_err", "train error (clean inputs)", "error (%)", True, _error("train"), PERCENT,
                _floor_from_config("num_train")),
         Metric("test_err", "test error", "error (%)", True, _error("test"), PERCENT, _floor_from_config("num_test")),
+        Metric("mixup_err", "mixup training error (1 - lambda-weighted accuracy)", "error (%)", True,
+               _error("mixup"), PERCENT, _floor_from_config("num_train")),
         Metric("test_ece", "test expected calibration error", "ECE (15 bins)", False, _field("test_ece")),
         Metric("lr", "learning rate", "learning rate", True, _field("lr")),
         Metric("time_s", "training time per epoch", "time (s)", False, _field("time_s")),
@@ -133,6 +135,21 @@ def resolve_metric(name: str, split: str = "train") -> Metric:
         raise RunError(f"unknown metric {name!r}; choose from {', '.join(bare)} "
                        f"(NC keys may be prefixed train. or test.)")
     return METRICS[name]
+
+
+# An accuracy drawn as its error on a log axis: on a linear 0-100 axis, 98.7 % and 99.2 % make one line.
+ERROR_OF_ACCURACY = {"train_acc": "train_err", "test_acc": "test_err", "mixup_acc": "mixup_err"}
+
+
+def errors_for_accuracies(metrics: Sequence[Metric]) -> Tuple[List[Metric], List[str]]:
+    """The metrics with every accuracy replaced by its error, and a note per replacement."""
+    replaced, notes = [], []
+    for metric in metrics:
+        error = ERROR_OF_ACCURACY.get(metric.name)
+        replaced.append(METRICS[error] if error else metric)
+        if error:
+            notes.append(f"{metric.name} is drawn as {error} (100 - accuracy, log axis)")
+    return replaced, notes
 
 
 def parse_metric_list(text: str, split: str) -> List[Metric]:

@@ -1,6 +1,8 @@
 """The Figure 1 view of Fisher, Meng & Papyan 2024: last-layer features of
 mixup points of a class triple, projected onto the plane of the triple's
-classifier simplex; and a second view of all class means in 2-D PCA.
+classifier simplex; a second view of all class means in 2-D PCA; and a third
+of the cosines between all class means and between all classifier rows
+(cosines.py).
 
 The projection. With W3 the (3, d) classifier rows of the triple and V the
 (3, 2) vertices of an equilateral triangle centred at the origin,
@@ -22,21 +24,28 @@ from typing import List, Optional, Sequence
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.cm import ScalarMappable
-from matplotlib.colors import LinearSegmentedColormap, Normalize
+from matplotlib.colors import LinearSegmentedColormap, Normalize, to_hex
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from .cosines import (HISTOGRAM_KINDS, add_colour_bars, cosines_legend, draw_histogram, draw_matrix, epoch_colours,
+                      norms_by_classes, payload_cosines, split_matrix)
 from .groups import Group, common_description
+from .labels import PointLabel, layout_now, place_labels
 from .loading import Run, RunError, feature_epochs, load_features
 from .style import figure_legend, new_figure, set_title
 
-VIEWS = ("triangle", "means")
+VIEWS = ("triangle", "means", "cosines")
 DEFAULT_PANELS = 4  # epochs shown when --epochs is not given: spread over the feature epochs
 PANEL_SIZE = 3.4
 VERTEX_ANGLES_DEG = (90.0, 210.0, 330.0)
 # The triple's classes, by position a, b, c; chosen away from the blue and orange of the mixup points.
 TRIPLE_COLOURS = ("#009E73", "#CC79A7", "#8C564B")
-OTHER_CLASS_COLOUR = "0.55"
+MEAN_MARKER_AREA = 40  # points^2
+MEANS_MARGIN = 0.12  # of the data span, either side: room for the labels of the outer points
+LABELLED_CLASSES_UP_TO = 20  # more class labels than this are unreadable on one panel
+MATRIX_SIZE = 2.6
+HISTOGRAM_WIDTH = 2.6
 CMAP_RANGE = (0.3, 1.0)  # the pale end of a sequential map is invisible on white
 SAME_CLASS_CMAP = "Blues"
 DIFF_CLASS_CMAP = "Oranges"
@@ -193,31 +202,52 @@ def draw_triangle_view(ax, panel: Panel, with_samples: bool) -> None:
     ax.set_title(f"epoch {panel.epoch}{_geometry_note(panel.run, panel.epoch)}{caveat}")
 
 
-def _classifier_lines(ax, W: np.ndarray, basis: np.ndarray, mean_norm: float, colours) -> None:
+def class_colours(num_classes: int) -> List[str]:
+    """One distinct colour per class: tab10 or tab20, else evenly spaced along a cyclic map."""
+    for name, size in (("tab10", 10), ("tab20", 20)):
+        if num_classes <= size:
+            return [to_hex(c) for c in colormaps[name].colors[:num_classes]]
+    return [to_hex(c) for c in colormaps["twilight"](np.linspace(0, 1, num_classes, endpoint=False))]
+
+
+def _classifier_lines(ax, W: np.ndarray, basis: np.ndarray, mean_norm: float, colours) -> np.ndarray:
     """Centred classifier rows on the PCA plane, all scaled by one factor (mean row norm -> mean_norm),
-    so the drawn lengths still show how much of each row lies in the plane."""
+    so the drawn lengths still show how much of each row lies in the plane. Returns the tips."""
     centred = W - W.mean(axis=0)
     scale = mean_norm / max(np.linalg.norm(centred, axis=1).mean(), np.finfo(float).tiny)
-    for tip, colour in zip(centred @ basis.T * scale, colours):
-        ax.plot([0, tip[0]], [0, tip[1]], color=colour, linewidth=1.0, alpha=0.7, linestyle="--")
+    tips = centred @ basis.T * scale
+    for tip, colour in zip(tips, colours):
+        ax.plot([0, tip[0]], [0, tip[1]], color=colour, linewidth=1.1, alpha=0.8, linestyle="--")
+    return tips
 
 
-def draw_means_view(ax, panel: Panel) -> None:
+def square_limits(ax, points: np.ndarray, margin: float) -> None:
+    """Equal axes on a square around the finite points, fixed now: the spots chosen for the labels
+    stay valid whatever resolution or format the figure is saved in."""
+    finite = points[np.all(np.isfinite(points), axis=1)]
+    low, high = finite.min(axis=0), finite.max(axis=0)
+    centre, half = (low + high) / 2, max(float((high - low).max()) / 2, np.finfo(float).tiny) * (1 + 2 * margin)
+    ax.set(xlim=(centre[0] - half, centre[0] + half), ylim=(centre[1] - half, centre[1] + half))
+    ax.set_aspect("equal", adjustable="box")
+
+
+def draw_means_view(ax, panel: Panel) -> List[PointLabel]:
+    """Class means and classifier rows in the class colours; returns the labels to place once laid out."""
     payload = panel.payload
     means = np.asarray(payload["class_means"], dtype=np.float64)
     basis, share = pca_basis(means)
     centre = _centre(payload)
     points = (means - centre) @ basis.T
-    triple = [int(c) for c in payload["mixup"]["triple"]]
-    colours = [TRIPLE_COLOURS[triple.index(c)] if c in triple else OTHER_CLASS_COLOUR for c in range(len(means))]
+    colours = class_colours(len(means))
     mean_norm = float(np.nanmean(np.linalg.norm(means - centre, axis=1)))
-    _classifier_lines(ax, np.asarray(payload["W"], dtype=np.float64), basis, mean_norm, colours)
-    ax.scatter(points[:, 0], points[:, 1], s=40, c=colours, edgecolors="white", linewidths=0.8, zorder=3)
-    for c, (x, y) in enumerate(points):
-        if np.isfinite(x) and np.isfinite(y):
-            ax.annotate(str(c), (x, y), xytext=(5, 4), textcoords="offset points", fontsize=8, color=colours[c])
-    ax.set_aspect("equal", adjustable="datalim")
+    tips = _classifier_lines(ax, np.asarray(payload["W"], dtype=np.float64), basis, mean_norm, colours)
+    ax.scatter(points[:, 0], points[:, 1], s=MEAN_MARKER_AREA, c=colours, edgecolors="white", linewidths=0.8,
+               zorder=3)
+    square_limits(ax, np.concatenate([points, tips, np.zeros((1, 2))]), MEANS_MARGIN)
     ax.set_title(f"epoch {panel.epoch}\nPC 1+2 hold {100 * share:.0f}% of the variance")
+    if len(means) > LABELLED_CLASSES_UP_TO:
+        return []
+    return [PointLabel(x, y, str(c), colours[c], np.sqrt(MEAN_MARKER_AREA)) for c, (x, y) in enumerate(points)]
 
 
 def _panels(groups: Sequence[Group], epochs_text: Optional[str]) -> List[List[Panel]]:
@@ -246,32 +276,98 @@ def _triangle_legend(figure: Figure, axes, with_samples: bool) -> None:
                         label=rf"$\lambda$ (weight of $x_a$), {what} pairs")
 
 
-def representations_figure(groups: Sequence[Group], epochs_text: Optional[str], view: str,
-                           with_samples: bool) -> Figure:
-    """One row per run, one panel per chosen epoch."""
-    rows = _panels(groups, epochs_text)
-    columns = max(len(row) for row in rows)
-    extra_width = 1.6 if view == "triangle" else 0.2
-    figure = new_figure(PANEL_SIZE * columns + extra_width, (PANEL_SIZE + 0.5) * len(rows) + 0.9)
-    axes = figure.subplots(len(rows), columns, squeeze=False)
+def _means_legend(figure: Figure) -> None:
+    handles = [Line2D([], [], marker="o", linestyle="", color="0.35", markersize=6,
+                      label=r"class mean $\mu_c - \mu_G$ (labelled with its class)"),
+               Line2D([], [], color="0.35", linestyle="--", label=r"classifier row $w_c$ in its class colour "
+                                                                    r"(common scale)")]
+    figure_legend(figure, handles)
+
+
+def _draw_point_views(figure: Figure, axes, rows: List[List[Panel]], view: str, with_samples: bool) -> list:
+    """The triangle or means panels; returns (axes, labels) of the means panels, to place once laid out."""
+    pending = []
     for row_axes, row in zip(axes, rows):
         for ax, panel in zip(row_axes, row):
             if view == "triangle":
                 draw_triangle_view(ax, panel, with_samples)
             else:
-                draw_means_view(ax, panel)
+                pending.append((ax, draw_means_view(ax, panel)))
         for ax in row_axes[len(row):]:
             ax.set_visible(False)
     _label_axes(axes, view, [row[0].label for row in rows])
-    runs = [run for group in groups for run in group.runs]
     if view == "triangle":
         _triangle_legend(figure, axes, with_samples)
+    else:
+        _means_legend(figure)
+    return pending
+
+
+def _point_views_figure(rows: List[List[Panel]], view: str, with_samples: bool):
+    """The figure and its pending point labels."""
+    columns = max(len(row) for row in rows)
+    extra_width = 1.6 if view == "triangle" else 0.2
+    figure = new_figure(PANEL_SIZE * columns + extra_width, (PANEL_SIZE + 0.5) * len(rows) + 0.9)
+    axes = figure.subplots(len(rows), columns, squeeze=False)
+    return figure, _draw_point_views(figure, axes, rows, view, with_samples)
+
+
+def _cosines_figure(rows: List[List[Panel]]) -> Figure:
+    """Per run: one split cosine matrix per epoch, then the histograms of H's and W's off-diagonal cosines."""
+    columns = max(len(row) for row in rows)
+    figure = new_figure(MATRIX_SIZE * columns + HISTOGRAM_WIDTH * 2 + 1.4, (MATRIX_SIZE + 0.5) * len(rows) + 1.2)
+    axes = figure.subplots(len(rows), columns + 2, squeeze=False,
+                           gridspec_kw={"width_ratios": [MATRIX_SIZE] * columns + [HISTOGRAM_WIDTH] * 2})
+    colours = epoch_colours([panel.epoch for row in rows for panel in row])
+    per_row = [[(panel.epoch, payload_cosines(panel.payload)) for panel in row] for row in rows]
+    matrices = [[split_matrix(c["h"], c["w"]) for _, c in row] for row in per_row]
+    norms = norms_by_classes([matrix for row in matrices for matrix in row])
+    images, matrix_axes = {}, {}
+    for row_axes, row, per_epoch, row_matrices in zip(axes, rows, per_row, matrices):
+        count = row_matrices[0].shape[0]
+        for ax, (epoch, _), matrix in zip(row_axes, per_epoch, row_matrices):
+            images.setdefault(count, []).append(draw_matrix(ax, matrix, norms[count], epoch))
+            matrix_axes.setdefault(count, []).append(ax)
+        for ax in row_axes[len(row):columns]:
+            ax.set_visible(False)
+        for ax, (title, kind) in zip(row_axes[columns:], HISTOGRAM_KINDS):
+            draw_histogram(ax, per_epoch, kind, title, colours, norms[count])
+        row_axes[0].set_ylabel(f"{row[0].label}\nclass" if row[0].label else "class")
+    for ax in axes[-1, :columns]:
+        ax.set_xlabel("class")
+    add_colour_bars(figure, images, matrix_axes)
+    cosines_legend(figure, list(norms))
+    return figure
+
+
+HEADINGS = {
+    "means": "Class means in 2-D PCA (dots) and classifier rows on the same plane (dashed, common scale)",
+    "cosines": r"Cosines between centred class means ($\mathbf{H}$) and between classifier rows ($\mathbf{W}$); "
+               r"a simplex ETF has $-1/(C-1)$ off the diagonal",
+}
+
+
+def representations_figure(groups: Sequence[Group], epochs_text: Optional[str], view: str,
+                           with_samples: bool) -> Figure:
+    """One row per run, one panel per chosen epoch."""
+    rows = _panels(groups, epochs_text)
+    pending = []
+    if view == "cosines":
+        figure = _cosines_figure(rows)
+    else:
+        figure, pending = _point_views_figure(rows, view, with_samples)
+    if view == "triangle":
         triples = {tuple(row[0].payload["mixup"]["triple"]) for row in rows}
         heading = "Mixup features on the classifier-simplex plane of classes " + \
                   " / ".join(",".join(map(str, t)) for t in sorted(triples))
     else:
-        heading = "Class means in 2-D PCA (dots) and classifier rows on the same plane (dashed, common scale)"
+        heading = HEADINGS[view]
+    runs = [run for group in groups for run in group.runs]
     set_title(figure, heading, common_description(runs, [key for key, _ in groups[0].key]))
+    if pending:  # last: the labels are placed on the figure as it will be laid out
+        layout_now(figure)
+        for ax, labels in pending:
+            place_labels(ax, labels)
     return figure
 
 

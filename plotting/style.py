@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import textwrap
 from typing import Iterator, List, Optional, Sequence
 
 import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
@@ -29,6 +31,9 @@ LEGEND_CHAR_INCHES = 0.075  # legend text width per character at legend.fontsize
 LEGEND_HANDLE_INCHES = 0.8  # line sample, padding and column gap
 TITLE_SEPARATOR = " · "
 CHAR_WIDTH_EM = 0.55  # average glyph width of the sans-serif font, in font sizes, for wrapping titles
+# Inches of a panel's width beside its axes (y label, tick labels): a panel title must fit the
+# axes' own width, since constrained layout reserves no width for titles.
+PANEL_TITLE_MARGIN = 0.9
 # A log axis spanning fewer decades than this gets plain labels at 1, 2 and 5 times each power of ten.
 FEW_DECADES = 2.5
 LOG_LABELLED_SUBS = (1.0, 2.0, 5.0)
@@ -67,8 +72,8 @@ def new_figure(width: float, height: float) -> Figure:
 
 def set_title(figure: Figure, heading: str, description: str = "", note: str = "") -> None:
     """Heading, then the shared config wrapped at its ' · ' separators to the figure's width, then a note."""
-    width_chars = int(figure.get_figwidth() * 72 / (TITLE_SIZE * CHAR_WIDTH_EM))
-    lines, current = [heading], ""
+    width_chars = characters_in(figure.get_figwidth(), TITLE_SIZE)
+    lines, current = textwrap.wrap(heading, width_chars) or [""], ""
     for part in (p for p in description.split(TITLE_SEPARATOR) if p):
         candidate = f"{current}{TITLE_SEPARATOR}{part}" if current else part
         if current and len(candidate) > width_chars:
@@ -77,6 +82,18 @@ def set_title(figure: Figure, heading: str, description: str = "", note: str = "
         current = candidate
     lines += [line for line in (current, note) if line]
     figure.suptitle("\n".join(lines), fontsize=TITLE_SIZE)
+
+
+def characters_in(width_inches: float, fontsize: float) -> int:
+    """About how many characters of the sans-serif font at `fontsize` fit in `width_inches`."""
+    return max(1, int(width_inches * 72 / (fontsize * CHAR_WIDTH_EM)))
+
+
+def panel_title(ax, text: str, panel_width: float) -> None:
+    """A panel title wrapped to the panel, so that no title runs past its panel or off the canvas."""
+    size = FontProperties(size=matplotlib.rcParams["axes.titlesize"]).get_size_in_points()
+    lines = [textwrap.fill(line, characters_in(panel_width - PANEL_TITLE_MARGIN, size)) for line in text.split("\n")]
+    ax.set_title("\n".join(lines))
 
 
 def _plain_number(value: float, _position=None) -> str:
