@@ -16,8 +16,11 @@ from collapse_metrics import diff_class_nonlinearity, mixup_geometry
 from data import Split
 from data.batches import Normalizer
 from layers import read_stages
-from mixup import default_triple, interpolate, lambda_grid, mixup_grid, triple_pairs
+import ufm
+from mixup import default_triple, interpolate, lambda_grid, mixup_grid, triple_pair_types, triple_pairs
 from models.base import FEATURES
+
+UFM_CURVE_POINTS = 51  # lambdas on the theory curve of each pair type
 
 
 def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
@@ -62,6 +65,9 @@ class FeatureCapture:
         self.pair_images = train.images[torch.from_numpy(unique)].to(device)
         self.local_a, self.local_b = torch.from_numpy(inverse).to(device).chunk(2)
         self.lam_device = torch.from_numpy(self.lam).float().to(device)
+        self.loss_name = cfg.loss
+        self.loss_options = {"label_smoothing": cfg.label_smoothing, "mse_scale": cfg.mse_scale,
+                             "focal_gamma": cfg.focal_gamma}
 
     def mixed_inputs(self) -> torch.Tensor:
         """lam * x_a + (1 - lam) * x_b on normalised images, as in training."""
@@ -98,6 +104,37 @@ class FeatureCapture:
             geometry[name] = {"diff_class_nonlinearity": diff_class_nonlinearity(H, self.y_a, self.y_b, self.lam, means)}
         return payload, geometry
 
+    def _ufm_entries(self, H_mix, weight, bias, class_means) -> tuple:
+        """(fit metrics, s H* of the mixup points, theory curves) of the run's loss (ufm.fit), in float32 arrays.
+
+        The theory curves are s h*(lam e_a + (1 - lam) e_b) over UFM_CURVE_POINTS lambdas for each pair
+        type: coordinates of P (H - mu), like the fitted points. A solver failure leaves NaN metrics
+        that say why, and no arrays, instead of stopping the run.
+        """
+        labels = torch.arange(weight.shape[0])
+        lam = torch.from_numpy(self.lam)[:, None]
+        targets = (lam * (labels == torch.from_numpy(self.y_a)[:, None]) +
+                   (1 - lam) * (labels == torch.from_numpy(self.y_b)[:, None])).double()
+        mu = class_means[torch.isfinite(class_means).all(dim=1)].mean(dim=0)
+        try:
+            fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, mu,
+                             same_class=torch.from_numpy(self.y_a == self.y_b), **self.loss_options)
+        except ufm.SolverError as error:
+            return ufm.unfitted_metrics(f"UFM solver failed: {error}"), None, None
+        metrics = fitted.metrics
+        if metrics["nan_reason"] is not None:
+            return metrics, None, None
+        lambdas = np.linspace(0.0, 1.0, UFM_CURVE_POINTS)
+        pairs = triple_pair_types(self.triple)
+        try:
+            curves = torch.stack([ufm.theory_curve(weight, bias, pair, lambdas, self.loss_name, metrics["curve_gamma"],
+                                                   metrics["curve_scale"], **self.loss_options) for pair in pairs])
+        except ufm.SolverError as error:
+            return ufm.unfitted_metrics(f"UFM solver failed on the theory curve: {error}"), None, None
+        curve_entry = {"lambdas": lambdas, "pairs": [list(pair) for pair in pairs],
+                       "H": curves.float().cpu().numpy()}
+        return metrics, fitted.H_fit.float().cpu().numpy(), curve_entry
+
     @torch.inference_mode()
     def capture(self, model, epoch: int, class_means: torch.Tensor, autocast, layer_means=None):
         """(payload for the features pickle, mixup_geometry dict) at this epoch.
@@ -130,4 +167,6 @@ class FeatureCapture:
         if layer_means:
             payload["layers"], geometry["layers"] = self._layer_entries(H_mix, payload["mixup"]["H"], stage_vectors,
                                                                         layer_means)
+        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_mix, weight, bias, class_means)
+        payload["mixup"].update(ufm=geometry["ufm"], H_ufm=H_ufm, ufm_curves=curves)
         return payload, geometry

@@ -25,7 +25,8 @@ def digits():
 
 def _capture(train, mode="eval", classes=None, seed=0):
     cfg = SimpleNamespace(feature_mode=mode, eval_batch_size=64, feature_samples_per_class=4,
-                          feature_classes=classes, seed=seed, feature_pairs=PAIRS, feature_lambdas=LAMBDAS)
+                          feature_classes=classes, seed=seed, feature_pairs=PAIRS, feature_lambdas=LAMBDAS,
+                          loss="cross_entropy", label_smoothing=0.0, mse_scale=1.0, focal_gamma=2.0)
     mean, std = channel_stats(train.images)
     return FeatureCapture(train, 10, cfg, Normalizer(mean, std, "cpu", channels_last=False), "cpu")
 
@@ -113,3 +114,44 @@ def test_train_mode_features_leave_running_statistics_untouched(digits):
     _, eval_geometry = _capture(digits, mode="eval").capture(model, 0, means, lambda: torch.autocast("cpu", enabled=False))
     # batch statistics really were used: the two modes see different features
     assert train_geometry["margin_ab"] != eval_geometry["margin_ab"]
+
+
+def _targets(mixup, num_classes):
+    """lam e_a + (1 - lam) e_b of every mixup point, written out."""
+    lam = mixup["lam"][:, None]
+    classes = np.arange(num_classes)
+    return lam * (classes == mixup["y_a"][:, None]) + (1 - lam) * (classes == mixup["y_b"][:, None])
+
+
+def test_ufm_fit_of_every_feature_epoch_is_the_fit_of_the_pickled_features(etf_run):
+    """The logged fit, H_ufm and theory curves equal ufm's functions applied to the pickle's own arrays."""
+    import ufm
+
+    records = {r["epoch"]: r for r in load(os.path.join(etf_run, "metrics.pkl"))["epochs"]}
+    for epoch in FEATURE_EPOCHS:
+        features = load(os.path.join(etf_run, "features", f"epoch_{epoch:04d}.pkl"))
+        mixup = features["mixup"]
+        mu = features["class_means"].mean(axis=0)
+        direct = ufm.fit(mixup["H"], _targets(mixup, 10), features["W"], features["b"], "cross_entropy", mu,
+                         same_class=mixup["y_a"] == mixup["y_b"], label_smoothing=0.0, mse_scale=1.0, focal_gamma=2.0)
+        logged = records[epoch]["mixup_geometry"]["ufm"]
+        assert logged == mixup["ufm"] and logged["nan_reason"] is None
+        for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share", "curve_gamma"):
+            assert logged[key] == pytest.approx(direct.metrics[key], rel=1e-9), key
+        np.testing.assert_allclose(mixup["H_ufm"], direct.H_fit.numpy(), rtol=1e-5, atol=1e-6 * np.abs(mixup["H_ufm"]).max())
+        curves = mixup["ufm_curves"]
+        assert curves["pairs"] == [[2, 2], [5, 5], [7, 7], [2, 5], [2, 7], [5, 7]]
+        by_hand = ufm.theory_curve(features["W"], features["b"], (2, 5), curves["lambdas"], "cross_entropy",
+                                   logged["curve_gamma"], logged["curve_scale"], label_smoothing=0.0, mse_scale=1.0,
+                                   focal_gamma=2.0)
+        np.testing.assert_allclose(curves["H"][3], by_hand.numpy(), rtol=1e-5, atol=1e-6 * np.abs(curves["H"]).max())
+
+
+def test_mse_with_a_fixed_etf_classifier_is_logged_as_not_identifiable(tmp_path):
+    """mse, simplex-ETF W, b = 0: H* = W^T t / (C/(C-1) + gamma) has one shape for every gamma."""
+    argv = [*TINY, "--epochs", "1", "--loss", "mse", "--etf-classifier", "--feature-epochs", "1",
+            "--feature-lambdas", str(LAMBDAS), "--feature-pairs", str(PAIRS), "--out-dir", str(tmp_path),
+            "--run-name", "r"]
+    assert run_main(argv) == 0
+    fit = load(tmp_path / "r" / "metrics.pkl")["epochs"][-1]["mixup_geometry"]["ufm"]
+    assert fit["identifiable"] is False and fit["gamma"] is None and 0 < fit["residual"] < 1
