@@ -7,6 +7,7 @@ run starts, so every epoch's snapshot describes the same points.
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -116,12 +117,13 @@ class FeatureCapture:
         targets = (lam * (labels == torch.from_numpy(self.y_a)[:, None]) +
                    (1 - lam) * (labels == torch.from_numpy(self.y_b)[:, None])).double()
         mu = class_means[torch.isfinite(class_means).all(dim=1)].mean(dim=0)
+        start = time.perf_counter()
         try:
             fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, mu,
                              same_class=torch.from_numpy(self.y_a == self.y_b), **self.loss_options)
         except ufm.SolverError as error:
             return ufm.unfitted_metrics(f"UFM solver failed: {error}"), None, None
-        metrics = fitted.metrics
+        metrics = {**fitted.metrics, "time_s": time.perf_counter() - start}  # the fit alone (its results are on the host)
         if metrics["nan_reason"] is not None:
             return metrics, None, None
         lambdas = np.linspace(0.0, 1.0, UFM_CURVE_POINTS)

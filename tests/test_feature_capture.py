@@ -135,7 +135,7 @@ def test_ufm_fit_of_every_feature_epoch_is_the_fit_of_the_pickled_features(etf_r
         direct = ufm.fit(mixup["H"], _targets(mixup, 10), features["W"], features["b"], "cross_entropy", mu,
                          same_class=mixup["y_a"] == mixup["y_b"], label_smoothing=0.0, mse_scale=1.0, focal_gamma=2.0)
         logged = records[epoch]["mixup_geometry"]["ufm"]
-        assert logged == mixup["ufm"] and logged["nan_reason"] is None
+        assert logged == mixup["ufm"] and logged["nan_reason"] is None and logged["time_s"] > 0
         for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share", "curve_gamma"):
             assert logged[key] == pytest.approx(direct.metrics[key], rel=1e-9), key
         np.testing.assert_allclose(mixup["H_ufm"], direct.H_fit.numpy(), rtol=1e-5, atol=1e-6 * np.abs(mixup["H_ufm"]).max())
