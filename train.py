@@ -136,18 +136,23 @@ def make_autocast(device: torch.device, enabled: bool) -> Callable:
 
 
 @contextmanager
-def exact_float32():
-    """float32 convolutions and products without TF32.
+def float32_products(tf32: bool):
+    """float32 convolutions and matrix products, with or without TF32 tensor-core arithmetic.
 
     PyTorch lets cuDNN use TF32 (10 mantissa bits) for float32 convolutions by
-    default; like bf16, that rounding would put a floor under NC1 late in training.
+    default; like bf16, that rounding puts a floor under NC1 late in training,
+    so exact float32 turns it off. (On a CPU both are plain float32.)
     """
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def exact_float32():
+    return float32_products(tf32=False)
 
 
 def make_eval_autocast(device: torch.device, precision: str) -> Callable:
@@ -158,6 +163,8 @@ def make_eval_autocast(device: torch.device, precision: str) -> Callable:
     """
     if precision == "bf16":
         return make_autocast(device, True)
+    if precision == "tf32":
+        return lambda: float32_products(tf32=True)
     return exact_float32
 
 

@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -55,7 +54,7 @@ from distributed import DistContext  # noqa: E402
 from main import build_run, configure_backends, resolve_defaults, resolve_device  # noqa: E402
 from models import MODELS, build_model  # noqa: E402
 from run_io import CHECKPOINT_FILE, RunLog  # noqa: E402
-from train import exact_float32, measure, measure_epoch, train_one_epoch  # noqa: E402
+from train import exact_float32, float32_products, measure, measure_epoch, train_one_epoch  # noqa: E402
 
 SYNTHETIC_TEST_FRACTION = 0.2  # test split size relative to the training split, like CIFAR's 10k/50k
 CROP_PADDING = 4
@@ -213,24 +212,13 @@ def time_nc_pass(run, flags, device) -> dict:
     nc_s = statistics.median(timed(lambda: measure(run, with_nc=True), device)[0] for _ in range(NC_REPEATS))
     bf16 = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     forward = {}
-    for name, autocast in (("bf16", bf16), ("tf32", allow_tf32), ("fp32", exact_float32)):
+    for name, autocast in (("bf16", bf16), ("tf32", lambda: float32_products(tf32=True)), ("fp32", exact_float32)):
         eval_forward(run, autocast)  # warm-up (cudnn autotuning of this dtype)
         forward[name] = timed(lambda: eval_forward(run, autocast), device)[0]
     return {"nc_s": nc_s, "nc_images": sum(len(split) for split in run.eval_splits.values()),
             "eval_forward_bf16_s": forward["bf16"], "eval_forward_tf32_s": forward["tf32"],
             "eval_forward_fp32_s": forward["fp32"],
             "nc_metrics_s": time_nc_metrics(run, device)}
-
-
-@contextmanager
-def allow_tf32():
-    """float32 storage, TF32 (10-bit mantissa) tensor-core products for convolutions and matmuls."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @torch.inference_mode()

@@ -8,7 +8,7 @@ from data import DatasetInfo, Split
 from distributed import DistContext
 from main import build_run, resolve_defaults
 from models import FeatureClassifier
-from train import measure
+from train import make_eval_autocast, measure
 
 C, SIDE, PER_CLASS, FEATURES = 10, 8, 30, 32
 INFO = DatasetInfo("digits", 1, SIDE, C, False)
@@ -60,3 +60,14 @@ def test_bf16_measurement_shows_its_rounding_floor():
     nc1, truth, run = measured_nc1("--eval-precision", "bf16")
     assert run.cfg.eval_precision == "bf16"
     assert nc1 > 30 * truth  # rounding |h| ~ 100 to 8 bits swamps one grey level of difference
+
+
+def test_tf32_measurement_is_float32_on_the_cpu_and_sets_the_cuda_flags_only_inside():
+    nc1_tf32, _, run = measured_nc1("--eval-precision", "tf32")
+    assert run.cfg.eval_precision == "tf32" and nc1_tf32 == measured_nc1()[0]  # no TF32 arithmetic on a CPU
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    for precision, inside in (("tf32", (True, True)), ("float32", (False, False))):
+        context = make_eval_autocast(torch.device("cuda"), precision)
+        with context():
+            assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == inside
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
