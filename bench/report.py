@@ -1,6 +1,7 @@
 """The speed table and the paper grid's GPU-hours, from bench/throughput.py's --json records.
 
     python bench/report.py results.jsonl [more.jsonl ...]
+    python bench/report.py results.jsonl --eval-precision tf32     # the grid with another measurement forward
 
 Table: one row per model and path. Grid: for every path measured on both of the grid's
 architectures, the GPU-hours of the 180-run grid (README "Reproducing the paper grid"),
@@ -14,6 +15,7 @@ fashionmnist alike, scaled by image count (60,000 + 10,000 fashionmnist images a
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -27,6 +29,8 @@ GRID_MODELS = ("wrn40_10", "vit_b_4")
 GRID_DATASETS = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "fashionmnist": (60000, 10000)}
 RUNS_PER_CELL = 30  # 5 losses x 2 mixup settings x 3 seeds, per architecture and dataset
 EXTRA_KEYS = ("full_nc_s", "feature_snapshot_s", "checkpoint_s")
+FORWARD_KEYS = {"float32": "full_eval_forward_fp32_s", "tf32": "full_eval_forward_tf32_s",
+                "bf16": "full_eval_forward_bf16_s"}  # the measured parts of the NC pass, per --eval-precision
 
 
 def load_records(paths: List[str]) -> List[dict]:
@@ -37,13 +41,19 @@ def load_records(paths: List[str]) -> List[dict]:
     return records
 
 
-def with_model_extras(records: List[dict]) -> List[dict]:
-    """Each record with its model's NC pass, snapshot and checkpoint costs (measured on one path per model)."""
+def with_model_extras(records: List[dict], eval_precision: str = "float32") -> List[dict]:
+    """Each record with its model's NC pass, snapshot and checkpoint costs (measured on one path per model).
+
+    The NC pass is measured with main.py's default float32 forward; for another --eval-precision
+    its forward is swapped for that precision's measured one (the snapshot keeps its float32
+    forward: an upper bound).
+    """
     extras: Dict[str, dict] = {}
     for record in records:
         if "full_nc_s" in record:
-            extras.setdefault(record["model"], {key: record[key] for key in EXTRA_KEYS})
-    return [{**extras.get(record["model"], {}), **record} for record in records]
+            nc_s = record["full_nc_s"] - record[FORWARD_KEYS["float32"]] + record[FORWARD_KEYS[eval_precision]]
+            extras.setdefault(record["model"], {**{key: record[key] for key in EXTRA_KEYS}, "full_nc_s": nc_s})
+    return [{**record, **extras.get(record["model"], {})} for record in records]
 
 
 def _mfu(record) -> str:
@@ -80,15 +90,15 @@ def run_seconds(record: dict, dataset: str, epochs: int, feature_epochs: int) ->
     return total, text
 
 
-def grid_estimate(records: List[dict], epochs: int = PAPER_RECIPE["epochs"]) -> List[str]:
+def grid_estimate(records: List[dict], epochs: int = PAPER_RECIPE["epochs"], eval_precision: str = "float32") -> List[str]:
     feature_epochs = len(default_feature_epochs(epochs))
-    complete = [r for r in with_model_extras(records) if all(key in r for key in EXTRA_KEYS)]
+    complete = [r for r in with_model_extras(records, eval_precision) if all(key in r for key in EXTRA_KEYS)]
     paths = [p for p in dict.fromkeys(r["path"] for r in complete)
              if all(any(r["model"] == m and r["path"] == p for r in complete) for m in GRID_MODELS)]
     lines = []
     for path in paths:
-        lines.append(f"grid on the {path} path ({epochs} epochs, {feature_epochs} feature snapshots, "
-                     f"a checkpoint every epoch, {RUNS_PER_CELL} runs per architecture and dataset):")
+        lines.append(f"grid on the {path} path, {eval_precision} measurement ({epochs} epochs, {feature_epochs} "
+                     f"feature snapshots, a checkpoint every epoch, {RUNS_PER_CELL} runs per architecture and dataset):")
         total_hours = 0.0
         for model in GRID_MODELS:
             record = next(r for r in complete if r["model"] == model and r["path"] == path)
@@ -102,16 +112,17 @@ def grid_estimate(records: List[dict], epochs: int = PAPER_RECIPE["epochs"]) -> 
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: python bench/report.py RESULTS.jsonl [...]", file=sys.stderr)
-        return 2
+    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", metavar="RESULTS.jsonl", help="bench/throughput.py --json records")
+    parser.add_argument("--eval-precision", choices=sorted(FORWARD_KEYS), default="float32", metavar="P",
+                        help="measurement forward of the grid estimate: float32 (main.py's default), tf32 or bf16")
+    args = parser.parse_args(argv)
     try:
-        records = load_records(argv)
+        records = load_records(args.results)
     except (OSError, ValueError) as error:
         print(f"report.py: error: {error}", file=sys.stderr)
         return 1
-    for line in table(records) + [""] + grid_estimate(records):
+    for line in table(records) + [""] + grid_estimate(records, eval_precision=args.eval_precision):
         print(line)
     return 0
 

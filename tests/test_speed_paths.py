@@ -290,14 +290,19 @@ def test_mfu_is_achieved_over_peak():
 def test_grid_estimate_adds_up_every_cost_of_every_run():
     def record(model, path, epoch_s, **extras):
         return {"model": model, "path": path, "full_epoch_s": epoch_s, "device": "test GPU", **extras}
-    extras = {"full_nc_s": 2.0, "feature_snapshot_s": 1.0, "checkpoint_s": 0.5}
+    extras = {"full_nc_s": 2.0, "feature_snapshot_s": 1.0, "checkpoint_s": 0.5, "full_eval_forward_fp32_s": 1.5,
+              "full_eval_forward_tf32_s": 0.5, "full_eval_forward_bf16_s": 0.25}
     records = [record("wrn40_10", "eager", 10.0, **extras), record("wrn40_10", "compiled", 5.0),
                record("vit_b_4", "eager", 20.0, **extras), record("vit_b_4", "compiled", 8.0)]
     snapshots = len(default_feature_epochs(350))
     def run_s(train, nc, scale_train, scale_nc):  # fashionmnist: 60k + 10k images against CIFAR's 50k + 10k
         train, nc = train * scale_train, nc * scale_nc
         return 350 * (train + nc) + nc + snapshots * 1.0 + 350 * 0.5
-    def hours(wrn, vit):
-        return 30 * sum(run_s(epoch, 2.0, 1, 1) * 2 + run_s(epoch, 2.0, 1.2, 70 / 60) for epoch in (wrn, vit)) / 3600
-    totals = [float(m.group(1)) for m in re.finditer(r"all 180 runs: (\d+) GPU-hours", "\n".join(grid_estimate(records)))]
-    assert totals == [round(hours(10.0, 20.0)), round(hours(5.0, 8.0))]
+    def hours(wrn, vit, nc=2.0):
+        return 30 * sum(run_s(epoch, nc, 1, 1) * 2 + run_s(epoch, nc, 1.2, 70 / 60) for epoch in (wrn, vit)) / 3600
+    def totals(precision):
+        text = "\n".join(grid_estimate(records, eval_precision=precision))
+        return [float(m.group(1)) for m in re.finditer(r"all 180 runs: (\d+) GPU-hours", text)]
+    assert totals("float32") == [round(hours(10.0, 20.0)), round(hours(5.0, 8.0))]
+    # another measurement forward: the NC pass's float32 forward (1.5 s) swapped for the TF32 one (0.5 s)
+    assert totals("tf32") == [round(hours(10.0, 20.0, nc=1.0)), round(hours(5.0, 8.0, nc=1.0))]
