@@ -293,19 +293,6 @@ def test_resume_on_another_device_type_is_refused_before_touching_the_folder(tmp
     assert run_main([*argv, "--resume"]) == 2 and "written on cuda" in capsys.readouterr().err
 
 
-def test_rerunning_a_run_in_progress_says_it_is_in_use(tmp_path, capsys):
-    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
-    assert run_main(argv) == 0
-    holder = run_io.lock_run_folder(str(tmp_path / "r"))  # as the job still writing it would
-    try:
-        capsys.readouterr()
-        assert run_main(argv) == 1
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "in use by another process" in err[0] and "--resume" not in err[0]
-    finally:
-        holder.close()
-
-
 @pytest.mark.parametrize("alpha,label", [("1", "mixup loss"), ("0", "train-batch loss")])
 def test_epoch_line_names_the_batch_loss_by_what_was_trained(tmp_path, capsys, alpha, label):
     argv = [*TINY, "--epochs", "1", "--mixup-alpha", alpha, "--out-dir", str(tmp_path), "--run-name", "r"]
@@ -314,13 +301,19 @@ def test_epoch_line_names_the_batch_loss_by_what_was_trained(tmp_path, capsys, a
     assert label in epoch_line and ("mixup" in epoch_line) == (alpha != "0")
 
 
-def test_second_job_on_a_running_folder_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("flags", [[], ["--resume", "--epochs", "2"], ["--overwrite"]],
+                         ids=["no flag", "resume", "overwrite"])
+def test_a_run_folder_in_use_is_refused_with_that_reason_first(tmp_path, capsys, flags):
+    """A rerun of a run still in progress hears that it is in use, not advice to --resume or --overwrite."""
     argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path), "--run-name", "r"]
     assert run_main(argv) == 0
-    holder = run_io.lock_run_folder(str(tmp_path / "r"))  # as a job still writing it would
+    before = {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()}
+    holder = run_io.lock_run_folder(str(tmp_path / "r"))  # as the job still writing it would
     try:
         capsys.readouterr()
-        assert run_main([*argv, "--resume", "--epochs", "2"]) == 1
-        assert "in use by another process" in capsys.readouterr().err
+        assert run_main([*argv, *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "in use by another process" in err[0] and "pass --resume" not in err[0]
     finally:
         holder.close()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r").iterdir() if p.is_file()} == before
