@@ -139,7 +139,10 @@ class ManifoldMixer:
     """Mixes the output of one stage inside the training forward: lam h + (1 - lam) h[partner].
 
     Hooks sit on every candidate stage; `arm` chooses the stage, weights and
-    partners for the next forward, which disarms the mixer once it has mixed.
+    partners of the step's forward passes, `disarm` ends them. A forward run
+    twice for one step (torch.compile's probe, see compilation.py) mixes alike
+    both times, and no forward outside a training step (measurement, feature
+    capture) is ever mixed.
     """
 
     def __init__(self, model, names: Sequence[str]):
@@ -152,12 +155,14 @@ class ManifoldMixer:
             if self._armed is None or self._armed[0] != name:
                 return None
             _, lam, partner = self._armed
-            self._armed = None
             return interpolate(output, output[partner], lam)
         return mix
 
     def arm(self, name: str, lam: torch.Tensor, partner: torch.Tensor) -> None:
         self._armed = (name, lam, partner)
+
+    def disarm(self) -> None:
+        self._armed = None
 
     def remove(self) -> None:
         for handle in self._handles:

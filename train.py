@@ -114,7 +114,7 @@ class Run:
     generators: Generators
     device: torch.device
     autocast: Callable            # context of the training forward (bf16 under --amp)
-    eval_autocast: Callable       # context of the measurement forward (float32 unless --eval-precision bf16)
+    eval_autocast: Callable       # context of the measurement forward (--eval-precision: float32 by default)
     dist: DistContext
     capture: Optional[FeatureCapture]
     nc_epochs: set
@@ -225,6 +225,8 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
             targets = F.one_hot(y, run.num_classes).float()
         with run.autocast():
             logits = model(x)
+        if run.mixer is not None:
+            run.mixer.disarm()  # the step's mixing is done; measurement forwards must never mix
         loss = run.loss_fn(logits.float(), targets)
         run.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -148,8 +148,14 @@ def test_manifold_mixup_mixes_the_stage_output_as_by_hand(name, stage, by_hand):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     mixer.arm(stage, lam, partner)
     got = model(x)
+    model.load_state_dict(state)
+    torch.testing.assert_close(model(x), got)  # armed for the step: a second forward mixes alike
     model.load_state_dict(state)  # the same batch-norm statistics for the hand-written forward
+    mixer.disarm()
+    disarmed = model(x)
+    model.load_state_dict(state)
     mixer.remove()
+    torch.testing.assert_close(disarmed, model(x))  # disarmed: the plain forward
     torch.testing.assert_close(got, by_hand(model, x, lam, partner), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(got, model(x), atol=1e-3)  # mixing did change the forward
     plain = model(x)
@@ -240,3 +246,18 @@ def test_per_layer_metrics_equal_a_direct_computation(layered_run):
         ratio = np.linalg.norm(entry["H"][diff] - straight, axis=1) / np.linalg.norm(
             means[mix["y_a"][diff]] - means[mix["y_b"][diff]], axis=1)
         assert geometry[stage]["diff_class_nonlinearity"] == pytest.approx(ratio.mean(), rel=1e-9), stage
+
+
+def test_manifold_mixup_survives_the_compile_probe():
+    """The compiled step's first call runs a probe forward first; the real forward must still mix."""
+    from compilation import CompiledWithFallback
+
+    model = small("mlp").train()
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    lam, partner = torch.tensor(0.3), torch.tensor([3, 4, 5, 0, 1, 2])
+    mixer = ManifoldMixer(model, [INPUT, "hidden1"])
+    step = CompiledWithFallback(model, model, warn=lambda message: pytest.fail(message))  # `compiled`: the module
+    mixer.arm("hidden1", lam, partner)
+    got = step(x)
+    mixer.remove()
+    torch.testing.assert_close(got, by_hand_mlp(model, x, lam, partner), rtol=1e-5, atol=1e-6)
