@@ -116,3 +116,8 @@ def compile_with_fallback(module: nn.Module, mode: str, warn: Optional[Warn] = N
 def compiling(step_model: nn.Module) -> bool:
     """Whether the training step goes through torch.compile (it then needs a fixed batch shape)."""
     return isinstance(step_model, CompiledWithFallback)
+
+
+def runs_compiled(step_model: nn.Module) -> bool:
+    """Whether the training step still goes through the compiled module (False after a fallback)."""
+    return compiling(step_model) and step_model.active

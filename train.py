@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from checkpoint import capture_state
 from collapse_metrics import nc_statistics
+from compilation import runs_compiled
 from data import Split
 from data.batches import Normalizer, TrainBatches, eval_batches
 from distributed import DistContext
@@ -373,7 +374,7 @@ def run_epochs(run: Run, start_epoch: int) -> str:
     cfg = run.cfg
     if start_epoch == 0 and not run.history:
         record = measure_epoch(run, 0, current_lr(run))
-        record.update(time_s=0.0, mixup_loss=None, mixup_acc=None, status="ok")
+        record.update(time_s=0.0, mixup_loss=None, mixup_acc=None, compiled=None, status="ok")
         finish_epoch(run, record)
     for epoch in range(start_epoch + 1, cfg.epochs + 1):
         lr = current_lr(run)
@@ -388,6 +389,7 @@ def run_epochs(run: Run, start_epoch: int) -> str:
         diverged = not math.isfinite(loss_sum)
         record = measure_epoch(run, epoch, lr)
         record.update(time_s=time_s, mixup_loss=loss_sum / count, mixup_acc=credit / count,
+                      compiled=runs_compiled(run.step_model),
                       status="diverged" if diverged else "ok")
         finish_epoch(run, record)
         if diverged and not cfg.allow_nonfinite:

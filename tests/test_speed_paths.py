@@ -187,6 +187,15 @@ def build(argv):
     return main.build_run(args, info, train, test, torch.device("cpu"), main.DistContext())
 
 
+@pytest.mark.parametrize("backend,expected", [("eager", True), (raising_backend, False)], ids=["works", "fails"])
+def test_records_say_whether_the_training_step_ran_compiled(compile_backend, tmp_path, capsys, backend, expected):
+    compile_backend(backend)
+    assert run_main([*TINY, "--epochs", "1", "--compile", "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    records = load(tmp_path / "r" / "metrics.pkl")["epochs"]
+    assert [r["compiled"] for r in records] == [None, expected]
+    assert ("torch.compile failed" in capsys.readouterr().err) == (not expected)
+
+
 def test_the_ragged_last_batch_is_dropped_only_while_compiling(compile_backend, monkeypatch):
     argv = [*TINY, "--device", "cpu", "--samples-per-class", "3", "--batch-size", "8"]  # 30 samples: 3 x 8 + 6
     assert [len(y) for _, y in build([*argv, "--no-compile"]).batches] == [8, 8, 8, 6]
