@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_metrics import METRIC_KEYS
+from collapse_metrics import LAYER_METRIC_KEYS, METRIC_KEYS
 from distributed import DistContext, shard_indices
 from helpers import CHILD_ENV, ROOT, TINY, load, rebuild_run
 from train import measure
@@ -27,7 +27,7 @@ def _torchrun(processes, out, name, *extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    for processes, name, extra in ((1, "one", ()), (2, "two", ()), (2, "manifold", ("--mixup-layer", "random"))):
+    for processes, name, extra in ((1, "one", ()), (2, "two", ()), (2, "manifold", ("--mixup-layer", "random", "--nc-layers", "all"))):
         done = _torchrun(processes, out, name, *extra)
         assert done.returncode == 0, done.stderr
     return out
@@ -63,6 +63,10 @@ def test_every_logged_number_of_two_processes_is_the_checkpointed_network(runs, 
     for split in ("train", "test"):
         for key in METRIC_KEYS:
             assert math.isclose(fields["nc"][split][key], logged["nc"][split][key], rel_tol=NC_TOLERANCE), (split, key)
+    for stage, metrics in (logged["nc_layers"] or {}).items():  # per-layer statistics summed over the shards
+        for key in (*LAYER_METRIC_KEYS, "ncc_accuracy", "ncc_samples"):
+            assert math.isclose(fields["nc_layers"][stage][key], metrics[key], rel_tol=NC_TOLERANCE), (stage, key)
+    assert (logged["nc_layers"] is None) == (name == "two")
     # The features pickle and the mixup geometry come from that same network.
     pickled = load(folder / "features" / f"epoch_{EPOCHS:04d}.pkl")
     payload, geometry = run.capture.capture(run.model, EPOCHS, train_means, run.eval_autocast)
