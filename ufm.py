@@ -33,7 +33,8 @@ Solvers:
   while f keeps falling (on a softmax's exponential tail Newton's step is far too short); near the
   solution, where f changes by less than its own rounding, a full step that halves the gradient is
   taken. The line search compares per-row values of the loss written out (`_row_losses`, checked
-  against build_loss's batch mean): it picks steps, never the answer.
+  against build_loss's batch mean): it picks steps, never the answer. Where C >= REUSE_MIN_CLASSES
+  (factorisations dominate), a row in Newton's quadratic phase reuses its last factorisation.
   Stopping rule, per point: |grad_x f| <= STATIONARITY_RTOL gamma |x|, which bounds |x - x*| by
   1e-10 |x| where f is gamma-strongly convex; or, where that is below the rounding of the gradient
   itself, FLOOR_ULPS eps s_max (|grad_z l|_1 + k |t~|_1) (k = mse_scale for smooth_l1, else 1): this
@@ -77,11 +78,12 @@ of GRID_PER_DECADE points per decade, solved in one batch (or, where its Newton 
 large, BATCH_ELEMENTS, one gamma after another from large to small, each from the last). Each
 solution comes with its tangent dx/dlog gamma (differentiating stationarity: one more solve with
 the last Newton factor), hence the residual's slope. The refinement (`_refine`) then goes to the
-side of the best grid point where the residual falls, splits its grid interval in four in one
-batch, and takes steps to the minimum of the cubic through the residuals and slopes at the best
-point and its neighbour on that side, until that minimum is within LOG_GAMMA_XATOL of a solved
-point (then one last such step, below it): gamma to about 0.1 %, as bounded Brent to
-LOG_GAMMA_XATOL did before, in 2 to 4 levels after the grid instead of about 10 sequential solves.
+side of the best grid point where the residual falls, solves 1/6, 1/3 and 1/2 of the way to the
+next grid point in one batch, and takes steps to the minimum of the cubic through the residuals
+and slopes at the best point and its neighbour on that side, until that minimum is within
+LOG_GAMMA_XATOL of a solved point (then one last such step, below it): gamma to about 0.1 %, as
+bounded Brent to LOG_GAMMA_XATOL did before, in 2 to 4 levels after the grid instead of about 10
+sequential solves.
 
 The gamma range is GAMMA_RANGE times s_max^2 (s_max the largest singular value of W): the optimum's
 shape depends on gamma only through gamma / |W|^2 (scaling W by a acts as dividing gamma by a^2). At
@@ -147,6 +149,10 @@ ARMIJO_ULPS = 8.0        # Armijo's test forgives this many ulps of f
 # far below any decrease that matters) a full Newton step that shrinks the gradient this much is taken.
 NEAR_DECREMENT = 1e-10
 GRADIENT_DECREASE = 0.5
+# A row whose last step was a full Newton step with decrement^2 below REUSE_DECREMENT (1 + |f|) (the
+# quadratic phase) reuses its last factor where C >= REUSE_MIN_CLASSES (see _refresh).
+REUSE_DECREMENT = 1e-8
+REUSE_MIN_CLASSES = 32
 # A full step that lowers f by more than EXPANSION_RATIO times the decrease of Newton's quadratic
 # model is doubled while f keeps falling, at most MAX_EXPANSIONS times (see _expand).
 EXPANSION_RATIO = 1.1
@@ -162,7 +168,7 @@ GRID_PER_DECADE = 0.5    # a grid point every two decades: the shape changes slo
 LOG_GAMMA_XATOL = 1e-2     # natural log: gamma to about 1 %
 POLISH = 0.1            # a cubic step below LOG_GAMMA_XATOL is still taken, once, unless below this fraction of it
 FLAT_ULPS = 64.0         # a residual that changes by less than this many ulps of |P(H-mu)|^2 across a bracket is flat
-REFINE_SPLIT = 4         # the refinement's first level: the grid spacing beside the best point, in quarters
+REFINE_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # the refinement's first level: these fractions of the way to the grid neighbour
 MAX_REFINE_STEPS = 30    # the refinement's levels after the grid; it needs 2 to 5 (see _refine)
 SHAPE_RTOL = 1e-6  # a network's float32 W (rounding 6e-8) splits singular values that are equal in exact
                    # arithmetic by ~4e-8, which moves the optimum's shape by ~3e-8 across the gamma range
@@ -272,7 +278,8 @@ def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[f
     """
     _check_loss(loss_name, loss_options)
     W64, b64, T64 = _classifier(W, b, T)
-    H64, mu64 = _as_float64(H, W64.device), _as_float64(mu, W64.device)
+    features = H if isinstance(H, torch.Tensor) else torch.from_numpy(np.asarray(H))
+    H64, mu64 = _as_float64(features, W64.device), _as_float64(mu, W64.device)
     if H64.dim() != 2 or H64.shape != (T64.shape[0], W64.shape[1]) or mu64.shape != (W64.shape[1],):
         raise ValueError(f"H must be (n, d) = ({T64.shape[0]}, {W64.shape[1]}) and mu (d,), got "
                          f"{tuple(H64.shape)} and {tuple(mu64.shape)}")
@@ -280,7 +287,8 @@ def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[f
     if not (0 < low < high and math.isfinite(high)):
         raise ValueError(f"gamma_range must be 0 < low < high < inf, got {gamma_range}")
     same = _same_class_mask(same_class, T64)
-    for name, tensor in (("H", H64), ("mu", mu64), ("W", W64), ("b", b64), ("T", T64)):
+    # H as given: float32 features are half the bytes of their float64 copy
+    for name, tensor in (("H", features), ("mu", mu64), ("W", W64), ("b", b64), ("T", T64)):
         if not _finite(tensor):
             return UFMFit(_nan_metrics(f"{name} is not finite", [math.nan, math.nan]), torch.full_like(H64, math.nan))
 
@@ -429,7 +437,7 @@ def _solve(problem: _Problem, gammas: torch.Tensor, starts: Sequence[torch.Tenso
            tangents: bool = False) -> _Solved:
     """The optimum of every unique target at each of the k gammas, all in one batch (the rows are
     independent problems). starts: candidate starting points (k, m, r); Newton takes per row the one
-    of lowest objective, cold starts included if `cold` (see _cold_start); mae the first, else
+    of lowest objective, cold starts included if `cold` (see _cold_starts); mae the first, else
     h = 0. With `tangents`, also dx/dlog gamma, for the fit's search."""
     m, r = problem.targets.shape[0], problem.S.shape[0]
     if problem.loss_name == "mse":
@@ -474,6 +482,8 @@ def _newton(problem: _Problem, gamma: torch.Tensor, targets: torch.Tensor, smoot
     _check_row_losses(problem, losses, mean_loss)
     f = torch.addcmul(losses, half_gamma, torch.linalg.vecdot(x, x))
     factor = None  # of the last Newton matrix, rows as x
+    settled = None  # rows whose last step was a full Newton step in the quadratic phase (see REUSE_DECREMENT)
+    reuse = problem.targets.shape[1] >= REUSE_MIN_CLASSES
     for _ in range(MAX_ITERATIONS):
         gx = torch.addcmul(gz @ problem.US, gamma[:, None], x)
         # |grad_x f| <= max(STATIONARITY_RTOL gamma |x|, floor), squared
@@ -490,12 +500,28 @@ def _newton(problem: _Problem, gamma: torch.Tensor, targets: torch.Tensor, smoot
             rows, targets, smoothed, gamma, half_gamma, tolerance, floor_offset, x, z, f, gz, gx = (
                 value.index_select(0, kept) for value in (rows, targets, smoothed, gamma, half_gamma, tolerance,
                                                           floor_offset, x, z, f, gz, gx))
-        factor = _factor(_newton_matrix(problem, gamma, z, smoothed), problem, gamma)
+            if settled is not None:
+                factor, settled = factor.index_select(0, kept), settled.index_select(0, kept)
+        factor = _refresh(problem, gamma, z, smoothed, factor, settled if reuse else None)
         dx = _cholesky_solve(factor, gx @ problem.U_over_S_T) @ problem.minus_U_over_S
-        x, z, f = _line_search(problem, gamma, half_gamma, targets, smoothed, x, f, dx, gx)
+        x, z, f, settled = _line_search(problem, gamma, half_gamma, targets, smoothed, x, f, dx, gx)
         gz = _gradient(problem, z, targets)[0]
     raise SolverError(f"ufm: {problem.loss_name} optimum not converged in {MAX_ITERATIONS} Newton steps "
                        f"(gamma = {float(gamma.min()):.3g} to {float(gamma.max()):.3g}, {len(rows)} targets left)")
+
+
+def _refresh(problem: _Problem, gamma, z, smoothed, factor, settled) -> torch.Tensor:
+    """The Newton matrices' factors: new ones, except, where `settled` is given, for the rows whose last
+    step was a full step in Newton's quadratic phase. There the Hessian has changed by about that
+    step, far below itself, so the last factor gives a step as good (the error falls from e to about
+    e times the last step, itself about the previous e) for two triangular solves instead of a
+    factorisation. Only for large C (REUSE_MIN_CLASSES), where factorisations dominate the cost."""
+    if settled is None or not bool(settled.any()):
+        return _factor(_newton_matrix(problem, gamma, z, smoothed), problem, gamma)
+    stale = torch.nonzero(~settled).flatten()
+    if stale.numel():  # in place: the last factors are this iteration's alone (kept ones were copied)
+        factor[stale] = _factor(_newton_matrix(problem, gamma[stale], z[stale], smoothed[stale]), problem, gamma[stale])
+    return factor
 
 
 class _LastFactors:
@@ -722,7 +748,8 @@ def _cholesky_solve(factor: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
 
 
 def _line_search(problem: _Problem, gamma, half_gamma, targets, smoothed, x, f0, dx, gx):
-    """(x, z, f) after a step along the Newton directions dx from x, f(x) = f0.
+    """(x, z, f, settled) after a step along the Newton directions dx from x, f(x) = f0; settled: the
+    rows that took the full step with Newton's decrement below REUSE_DECREMENT (1 + |f|).
 
     A step is the full Newton step where it passes Armijo's test (doubled while that lowers f
     further, where f is far from its quadratic model: `_expand`); else the largest 2^-j that passes
@@ -738,13 +765,14 @@ def _line_search(problem: _Problem, gamma, half_gamma, targets, smoothed, x, f0,
     full = x + dx
     value, z = _objective_and_logits(problem, half_gamma, smoothed, full)
     magnitude = f0.abs()
+    settled = torch.add(slope, magnitude, alpha=REUSE_DECREMENT) >= -REUSE_DECREMENT
     allowance = (ARMIJO_ULPS * EPS) * magnitude
     decrease = value - f0
     passed = decrease - allowance <= ARMIJO_SLOPE * slope
-    near = slope >= (magnitude + 1.0) * -NEAR_DECREMENT
+    near = torch.add(slope, magnitude, alpha=NEAR_DECREMENT) >= -NEAR_DECREMENT  # -slope <= NEAR (1 + |f|)
     grow = (decrease < (0.5 * EXPANSION_RATIO) * slope) & passed & ~near
     check = near & ~passed
-    any_check, any_grow, any_failed = torch.stack([check.any(), grow.any(), (~(passed | near)).any()]).tolist()
+    any_check, any_grow, any_failed = torch.stack([check, grow, ~(passed | near)]).any(dim=1).tolist()
     if any_check:
         rows = torch.nonzero(check).flatten()
         shrinks = (_x_gradient(problem, gamma[rows], targets[rows], full[rows]).norm(dim=1) <=
@@ -752,13 +780,13 @@ def _line_search(problem: _Problem, gamma, half_gamma, targets, smoothed, x, f0,
         passed[rows[shrinks]] = True
         any_failed = bool((~passed).any())
     if not (any_grow or any_failed):
-        return full, z, value  # the full Newton step everywhere: the common case
+        return full, z, value, settled  # the full Newton step everywhere: the common case
     step = torch.ones_like(f0)
     trial = _Trial(problem, gamma, smoothed, x, dx, f0, slope, allowance, step, value)
     _expand(trial, grow)
     _backtrack(trial, ~passed)
     x = torch.addcmul(x, step[:, None], dx)
-    return x, problem.logits(x), value
+    return x, problem.logits(x), value, settled & (step == 1.0)
 
 
 @dataclass
@@ -983,7 +1011,7 @@ def _data(problem: _Problem, H: torch.Tensor, mu: torch.Tensor) -> _Data:
 class _Point(NamedTuple):
     """The optimum at one log gamma and how it fits the data."""
     x: torch.Tensor        # (m, r) optimum coordinates of the unique targets
-    tangent: torch.Tensor  # (m, r) dx/dlog gamma
+    tangent: torch.Tensor  # (m, r) dx/dlog gamma (NaN where not computed)
     scale: float           # least-squares s >= 0
     residual: float        # |P(H-mu) - s H*|^2
     slope: float           # d residual / d log gamma
@@ -995,6 +1023,7 @@ def _points(data: _Data, solved: _Solved) -> list:
     the cancellation of |Y|^2 - s <Y, H*>. Its slope is -2 s <P(H-mu) - s H*, dH*/dlog gamma> (the
     derivative through s vanishes, s being optimal)."""
     x, tangent = solved.x, solved.tangent
+    tangent = torch.full_like(x, math.nan) if tangent is None else tangent  # a point never refined from
     weighted = x * data.counts[:, None]
     norm = (weighted * x).sum(dim=(1, 2))
     inner = (weighted * data.means).sum(dim=(1, 2))
@@ -1031,14 +1060,14 @@ class _Solutions:
             self._add([value], _solve(self.problem, self._gammas([value]), starts, tangents=True))
             previous = value
 
-    def solve_between(self, values, near: float, far: float) -> None:
+    def solve_between(self, values, near: float, far: float, tangents: bool = True) -> None:
         """Points between two solved ones (one batch if small, as in solve_grid), from the solution at
         `near` (mae: its pieces) or, per target, the better of its tangent line and the cubic through
         both ends' values and tangents."""
         m, C = self.problem.targets.shape
         if len(values) > 1 and len(values) * m * C * C > BATCH_ELEMENTS:
             for value in values:
-                self.solve_between([value], near, far)
+                self.solve_between([value], near, far, tangents)
             return
         first, second = self.points[near], self.points[far]
         starts = [first.x.expand(len(values), -1, -1)]
@@ -1051,7 +1080,7 @@ class _Solutions:
             ends = torch.stack([first.x, width * first.tangent, second.x, width * second.tangent]).view(4, -1)
             predicted = (_gammas(basis, self.problem).view(-1, 4) @ ends).view(2, len(values), *first.x.shape)
             starts = list(predicted.unbind(0))
-        self._add(values, _solve(self.problem, self._gammas(values), starts, cold=False, tangents=True))
+        self._add(values, _solve(self.problem, self._gammas(values), starts, cold=False, tangents=tangents))
 
     def best(self) -> float:
         return min(self.points, key=lambda key: (self.points[key].residual, -key))  # ties: the largest gamma
@@ -1084,7 +1113,7 @@ def _refine(solutions: _Solutions, grid) -> float:
     """The log gamma of the least residual, to about LOG_GAMMA_XATOL, from the grid (ascending).
 
     The residual's slope at the best grid point b says on which side of it the minimum lies: that
-    side, up to b's grid neighbour e, is split in REFINE_SPLIT in one batch. Then each step solves
+    side, up to b's grid neighbour e, is solved at REFINE_FRACTIONS of the way in one batch. Then each step solves
     one point: the minimiser of the cubic through the residuals and slopes at the best point b and
     at e, the nearest point on the side where the residual falls, at most halfway to e. It stops
     where that cubic puts the minimum within LOG_GAMMA_XATOL of b, or e is that close, or at an end
@@ -1103,15 +1132,16 @@ def _refine(solutions: _Solutions, grid) -> float:
         if abs(end - best) <= LOG_GAMMA_XATOL or abs(point.slope * (end - best)) <= rounding:
             return best  # bracketed closely enough, or flat within the residual's rounding (mae's flat ranges)
         if step == 0:
-            solutions.solve_between([best + (end - best) * k / REFINE_SPLIT for k in range(1, REFINE_SPLIT)], best, end)
+            solutions.solve_between([best + (end - best) * fraction for fraction in REFINE_FRACTIONS], best, end)
             best = solutions.best()
             continue
         offset = _cubic_step(point, solutions.points[end], end - best)
         if abs(offset) <= POLISH * LOG_GAMMA_XATOL:
             return best
-        solutions.solve_between([best + offset], best, end)
-        if abs(offset) <= LOG_GAMMA_XATOL:
-            return solutions.best()  # the cubic's minimum this close: its error is far smaller still
+        last = abs(offset) <= LOG_GAMMA_XATOL  # the cubic's minimum this close: its error is far smaller still
+        solutions.solve_between([best + offset], best, end, tangents=not last)
+        if last:
+            return solutions.best()
         best = solutions.best()
     return best
 

@@ -69,17 +69,38 @@ def test_a_batch_of_gammas_solves_each_as_alone(loss_name, shape):
         np.testing.assert_allclose(problem.features(batch[k]), alone, rtol=0, atol=SOLVE_RTOL * float(alone.abs().max()))
 
 
-def test_the_grid_one_gamma_after_another_gives_the_same_fit(monkeypatch):
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "mae"])
+def test_the_grid_one_gamma_after_another_gives_the_same_fit(monkeypatch, loss_name):
     """Large problems solve the grid sequentially from warm starts: the same optima, so the same fit."""
     W, b = random_classifier(5, 12, seed=2)
     T = mixup_targets(5, repeats=2)
-    H, mu = planted_features("cross_entropy", W, b, T, 0.02, seed=3)
-    batched, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    H, mu = planted_features(loss_name, W, b, T, 0.02, seed=3)
+    batched, _ = ufm.fit(H, T, W, b, loss_name, mu)
     monkeypatch.setattr(ufm, "BATCH_ELEMENTS", 0)
-    sequential, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    sequential, _ = ufm.fit(H, T, W, b, loss_name, mu)
     assert sequential["gamma"] == pytest.approx(batched["gamma"], rel=1e-6)
     for key in ("residual", "residual_gamma_spread", "scale"):
         assert sequential[key] == pytest.approx(batched[key], rel=1e-8), key
+
+
+@pytest.mark.parametrize("loss_name, options", [("cross_entropy", {}), ("focal", {"focal_gamma": 2.0})])
+def test_reused_factorisations_reach_the_stationary_point(monkeypatch, loss_name, options):
+    """C >= REUSE_MIN_CLASSES: rows in Newton's quadratic phase reuse their last factor. The optimum
+    is the one without reuse, and stationary in the full feature space (autograd through losses)."""
+    C, d = ufm.REUSE_MIN_CLASSES + 8, ufm.REUSE_MIN_CLASSES + 16
+    W, b = random_classifier(C, d, seed=19)
+    T = mixup_targets(C, lambdas=np.array([0.0, 0.3, 0.8]))
+    loss = build_loss(loss_name, **options)
+    for relative_gamma in (1e-5, 0.03):
+        gamma = relative_gamma * spectral_sq(W)
+        reused = ufm.optimal_features(W, b, T, loss_name, gamma, **options)
+        leaf = reused.clone().requires_grad_()
+        gradient, = torch.autograd.grad(loss(leaf @ W.T + b, T) * len(T) + 0.5 * gamma * leaf.square().sum(), leaf)
+        assert float(gradient.norm(dim=1).max()) <= 1e-8 * gamma * float(reused.norm(dim=1).max())
+        with monkeypatch.context() as patch:
+            patch.setattr(ufm, "REUSE_MIN_CLASSES", C + 1)
+            fresh = ufm.optimal_features(W, b, T, loss_name, gamma, **options)
+        np.testing.assert_allclose(reused, fresh, rtol=0, atol=SOLVE_RTOL * float(fresh.abs().max()))
 
 
 # ---------------------------------------------------------------- tangents and the residual's slope
