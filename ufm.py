@@ -62,10 +62,10 @@ negative eigenvalues where the target class is strongly mispredicted (smallest f
 focal_gamma = 2, -0.23 at 5, one-hot or mixed targets, C = 5), so the objective is strongly convex
 only when gamma exceeds s_max^2 times that magnitude. Otherwise the solver returns a local
 minimiser: a point where the gradient vanishes to the tolerance and the Hessian is positive definite
-(checked; a saddle raises SolverError), reached by steps that only descend from h = 0 or the warm
-start (a Newton matrix that is not positive definite is shifted by multiples of gamma K^+, i.e. of
-the identity in h). From h = 0, and from the cold starts, which predict the target, the iterates
-move towards predicting the target, away from the region of negative curvature.
+(checked; a saddle raises SolverError), reached by steps that only descend from the start, the
+candidate of lowest objective (a Newton matrix that is not positive definite is shifted by multiples
+of gamma K^+, i.e. of the identity in h). From h = 0, and from the cold starts, which predict the
+target, the iterates move towards predicting the target, away from the region of negative curvature.
 
 The fit. For learned features H (n, d) of mixup points with targets T, mu the global mean of the
 training class means and P the projection onto the row space of W,
@@ -168,7 +168,7 @@ GRID_PER_DECADE = 0.5    # a grid point every two decades: the shape changes slo
 LOG_GAMMA_XATOL = 1e-2     # natural log: gamma to about 1 %
 POLISH = 0.1            # a cubic step below LOG_GAMMA_XATOL is still taken, once, unless below this fraction of it
 FLAT_ULPS = 64.0         # a residual that changes by less than this many ulps of |P(H-mu)|^2 across a bracket is flat
-REFINE_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # the refinement's first level: these fractions of the way to the grid neighbour
+REFINE_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # the refinement's first level, in fractions of the way to the next grid point
 MAX_REFINE_STEPS = 30    # the refinement's levels after the grid; it needs 2 to 5 (see _refine)
 SHAPE_RTOL = 1e-6  # a network's float32 W (rounding 6e-8) splits singular values that are equal in exact
                    # arithmetic by ~4e-8, which moves the optimum's shape by ~3e-8 across the gamma range
@@ -569,7 +569,8 @@ def _cold_starts(problem: _Problem, gamma: torch.Tensor, smoothed: torch.Tensor)
         logits = torch.stack([torch.log(smoothed + scale * relative) for scale in COLD_START_SCALES])
         return [zeros, *((logits - logits.mean(dim=2, keepdim=True) - problem.b) @ problem.U_over_S)]
     if problem.loss_name == "smooth_l1":
-        return [zeros, ((problem.kappa * smoothed - problem.b) @ problem.U) * (problem.S / (problem.S.square() + gamma[:, None]))]
+        shrink = problem.S / (problem.S.square() + gamma[:, None])
+        return [zeros, ((problem.kappa * smoothed - problem.b) @ problem.U) * shrink]
     return [zeros]
 
 
@@ -891,7 +892,8 @@ def _mae(problem: _Problem, gamma: torch.Tensor, smoothed: torch.Tensor, start: 
             return x, -x - (on * _restricted_solve(K, on, on * beta)) @ A
         rows = torch.nonzero(todo).flatten()
         on = held[rows].double()
-        u = torch.addcmul(signs[rows], on, _restricted_solve(K, on, on * (gamma[rows, None] * beta[rows] - signs[rows] @ K)))
+        rhs = on * (gamma[rows, None] * beta[rows] - signs[rows] @ K)
+        u = torch.addcmul(signs[rows], on, _restricted_solve(K, on, rhs))
         arrived = _advance(A, beta, x, residual, held, signs, rows, -(u @ A) / gamma[rows, None])
         # at the piece's minimiser: the multiplier furthest outside [-1, 1] leaves E, or it is optimal
         worst, which = torch.where(held[rows], u.abs(), 0.0).max(dim=1)
@@ -943,7 +945,8 @@ def _mae_pieces(A, K, beta, gamma, scale, x):
         best_x[rows[certified]] = target[certified]
         todo[rows[certified]] = False
         held[rows] = (held[rows] & ~leave) | join
-        signs[rows] = torch.where(join, 0.0, torch.where(off_target, torch.sign(r), torch.where(leave, torch.sign(u), s)))
+        new_signs = torch.where(off_target, torch.sign(r), torch.where(leave, torch.sign(u), s))
+        signs[rows] = torch.where(join, 0.0, new_signs)
     return best_x, todo
 
 

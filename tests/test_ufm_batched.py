@@ -66,7 +66,8 @@ def test_a_batch_of_gammas_solves_each_as_alone(loss_name, shape):
     batch = ufm._solve(problem, values).x
     for k in range(len(values)):
         alone = ufm.optimal_features(W, b, T, loss_name, float(values[k]))
-        np.testing.assert_allclose(problem.features(batch[k]), alone, rtol=0, atol=SOLVE_RTOL * float(alone.abs().max()))
+        np.testing.assert_allclose(problem.features(batch[k]), alone, rtol=0,
+                                   atol=SOLVE_RTOL * float(alone.abs().max()))
 
 
 @pytest.mark.parametrize("loss_name", ["cross_entropy", "mae"])
@@ -207,14 +208,16 @@ def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
     mu = torch.zeros(8, dtype=torch.float64)
     solves = []
     original = ufm._Solutions.solve_between
-    monkeypatch.setattr(ufm._Solutions, "solve_between", lambda self, *args: solves.append(args) or original(self, *args))
+    monkeypatch.setattr(ufm._Solutions, "solve_between",
+                        lambda self, *args: solves.append(args) or original(self, *args))
     metrics, _ = ufm.fit(H, T, W, b, "mae", mu)
     assert metrics["residual"] < 1e-10 and solves == []
 
 
 # ---------------------------------------------------------------- the pieces of the Newton solver
 
-@pytest.mark.parametrize("loss_name, options", NEWTON_CASES + [("mse", {"mse_scale": 2.0}), ("mae", {"mse_scale": 0.5})])
+@pytest.mark.parametrize("loss_name, options",
+                         NEWTON_CASES + [("mse", {"mse_scale": 2.0}), ("mae", {"mse_scale": 0.5})])
 def test_row_losses_are_build_loss_of_each_row(loss_name, options):
     W, b = random_classifier(5, 7, seed=11)
     problem = ufm._problem(W, b, mixup_targets(5), loss_name, options)
@@ -298,7 +301,8 @@ def test_mae_primal_dual_steps_certify_rows_and_hand_the_rest_on(monkeypatch):
     A = problem.US
     beta = problem.b - problem.kappa * problem.smoothed
     scale = beta.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
-    x, uncertified = ufm._mae_pieces(A, A @ A.T, beta, gamma, scale, torch.zeros(len(gamma), A.shape[1], dtype=torch.float64))
+    start = torch.zeros(len(gamma), A.shape[1], dtype=torch.float64)
+    x, uncertified = ufm._mae_pieces(A, A @ A.T, beta, gamma, scale, start)
     optimum = ufm._solve(problem, gamma[:1]).x[0]
     assert int((~uncertified).sum()) > 0
     torch.testing.assert_close(x[~uncertified], optimum[~uncertified], rtol=0, atol=1e-10)
