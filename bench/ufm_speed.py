@@ -1,7 +1,8 @@
 """Speed of ufm.fit: the mixup UFM optimum fitted to one feature epoch's mixup points.
 
 Issue 13's budget: under 2 s on the CPU for "3 classes x 6 pair types x 4 pairs x 21 lambdas"
-(d = 512, C = 100), and less than the NC pass of a default digits run. The paper size is ambiguous:
+(d = 512, C = 100), and less than the NC pass of a default digits run (`--run RUN`: the fit at each
+feature epoch of a run beside that epoch's NC pass). The paper size is ambiguous:
 3 x 6 x 4 x 21 = 1512 points needs three class triples (one triple has the 6 pair types), while
 "3 classes' 6 pair types" is one triple, 504 points. Both are timed: `paper` (three triples, 1512
 points, 180 distinct targets: three times what a run captures) and `paper-triple` (one triple, 504
@@ -16,12 +17,20 @@ it, in float32 as the feature capture stores them. For each size and loss it pri
 time of `fit` over a few calls in a row, the fitted against the planted gamma, the residual, and
 the number of distinct targets actually solved.
 
-On a machine shared with other busy processes, OpenMP's spinning threads make every short torch
-call wait for a time slice; --threads 1 or OMP_WAIT_POLICY=PASSIVE give steadier numbers (the
-header prints the load average).
+ufm's functions run on one torch thread whatever the caller's setting (see ufm._with_autograd):
+--threads sets the threads of everything else, e.g. the synthetic problems. On a machine shared with
+other busy processes every timing varies by a factor of 2 or more: quote best-of-N with the load
+average the header prints.
 
-    python bench/ufm_speed.py                          # both sizes, every loss
+With --run, for each feature epoch of a finished run: the NC pass's time (the record's
+nc_time_s), the fit's time as the run logged it (mixup_geometry.ufm.time_s, with the code and the
+load of that run) and the fit replayed now on the epoch's features pickle (best of --repeats), with
+the run's loss and options. The NC pass ran with the run's threads and load: compare the columns of
+one run, not runs of different days.
+
+    python bench/ufm_speed.py                          # every size, every loss
     python bench/ufm_speed.py --sizes paper --losses cross_entropy --repeats 5 --threads 1
+    python main.py --out-dir /tmp/us --run-name r --overwrite && python bench/ufm_speed.py --run /tmp/us/r
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ufm  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from mixup import lambda_grid, soft_targets, triple_pair_types  # noqa: E402
+from plotting.loading import RunError, feature_epochs, load_features, load_run  # noqa: E402
 
 # name -> (C, d, class triples, pairs per pair type, lambdas)
 SIZES = {"paper": (100, 512, 3, 4, 21), "paper-triple": (100, 512, 1, 4, 21), "digits": (10, 256, 1, 20, 21)}
@@ -108,19 +118,62 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, metavar="T",
                         help="torch threads (default: torch's default, i.e. the cores)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the synthetic problem (default 0)")
+    parser.add_argument("--run", nargs="+", default=None, metavar="RUN",
+                        help="instead of the synthetic sizes: each feature epoch of these run folders, the fit "
+                             "replayed on its features beside the run's NC pass and logged fit time")
     args = parser.parse_args(argv)
     if args.repeats < 1 or (args.threads is not None and args.threads < 1):
         parser.error("--repeats and --threads must be >= 1")
     return args
 
 
+def run_fit_arguments(run, features: dict):
+    """(args, kwargs) of ufm.fit for one feature epoch, as feature_capture calls it."""
+    mixup, config = features["mixup"], run.config
+    labels = np.arange(features["W"].shape[0])
+    lam = np.asarray(mixup["lam"])[:, None]
+    targets = lam * (labels == mixup["y_a"][:, None]) + (1 - lam) * (labels == mixup["y_b"][:, None])
+    means = np.asarray(features["class_means"])
+    mu = means[np.isfinite(means).all(axis=1)].mean(axis=0)
+    bias = features.get("b")
+    options = {"label_smoothing": config.get("label_smoothing", 0.0), "mse_scale": config.get("mse_scale", 1.0),
+               "focal_gamma": config.get("focal_gamma", 2.0)}
+    return ((mixup["H"], targets, features["W"], bias, config.get("loss", "cross_entropy"), mu),
+            {"same_class": mixup["y_a"] == mixup["y_b"], **options})
+
+
+def replay_runs(folders, repeats: int) -> int:
+    """Each feature epoch's fit, replayed, beside the run's NC pass; 1 on an unreadable run."""
+    print(f"{'run':<16} {'epoch':>5} {'loss':<14} {'nc_time_s':>9} {'logged_fit_s':>12} {'replayed_fit_s':>14} "
+          f"{'fit<nc':>6}", flush=True)
+    for folder in folders:
+        try:
+            run = load_run(folder)
+            epochs = feature_epochs(folder)
+            payloads = {epoch: load_features(folder, epoch) for epoch in epochs}
+        except RunError as error:
+            print(f"ufm_speed.py: {error}", file=sys.stderr)
+            return 1
+        for epoch in epochs:
+            record = run.record_at(epoch) or {}
+            logged = ((record.get("mixup_geometry") or {}).get("ufm") or {}).get("time_s", math.nan)
+            args, kwargs = run_fit_arguments(run, payloads[epoch])
+            seconds, _ = best_time(lambda: ufm.fit(*args, **kwargs), repeats)
+            nc = record.get("nc_time_s", math.nan)
+            print(f"{run.name:<16} {epoch:>5} {args[4]:<14} {nc:>9.4f} {logged:>12.4f} {seconds:>14.4f} "
+                  f"{'yes' if seconds < nc else 'NO':>6}", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(f"ufm_speed: torch_threads={torch.get_num_threads()} repeats={args.repeats} "
+    print(f"ufm_speed: torch_threads={torch.get_num_threads()} (ufm: 1) repeats={args.repeats} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')} torch={torch.__version__} "
           f"load_avg={os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus")
+    if args.run:
+        return replay_runs(args.run, args.repeats)
     header = f"{'size':<12} {'loss':<14} {'n':>5} {'targets':>7} {'C':>4} {'d':>4} {'fit_s':>7} {'target':>6} " \
              f"{'gamma/planted':>13} {'residual':>8} ok"
     print(header, flush=True)
