@@ -208,7 +208,6 @@ def _with_autograd(function):
 
 # ---------------------------------------------------------------- public
 
-@_with_autograd
 def optimal_features(W, b, T, loss_name: str, gamma: float, **loss_options) -> torch.Tensor:
     """(n, d) float64 optimum h*(t_i) of every target row T[i] (see the module docstring).
 
@@ -221,7 +220,6 @@ def optimal_features(W, b, T, loss_name: str, gamma: float, **loss_options) -> t
     return problem.features(_solve(problem, _gammas(gamma, problem)).x[0])
 
 
-@_with_autograd
 def newton_features(W, b, T, loss_name: str, gamma: float, **loss_options) -> torch.Tensor:
     """`optimal_features` through the Newton solver for any differentiable loss, mse included:
     the generic path, exposed so that it can be checked against mse's closed form."""
@@ -250,7 +248,6 @@ def theory_curve(W, b, pair: Sequence[int], lambdas, loss_name: str, gamma: floa
                                      **loss_options)
 
 
-@_with_autograd
 def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[float, float] = GAMMA_RANGE,
         **loss_options) -> UFMFit:
     """The s >= 0 and gamma for which s H*(gamma) best matches P (H - mu) (see the module docstring).
@@ -320,6 +317,10 @@ def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[f
         "nan_reason": None,
     }
     return UFMFit(metrics, fitted @ problem.V)
+
+
+# By assignment, not as @_with_autograd: mutmut (bench/mutation.py) leaves decorated functions unmutated.
+optimal_features, newton_features, fit = map(_with_autograd, (optimal_features, newton_features, fit))
 
 
 # ---------------------------------------------------------------- inputs and the reduced problem

@@ -12,7 +12,7 @@ without the accepted survivors; every other survivor is printed with its diff,
 as a missing test, and makes the exit status 1.
 
     pip install 'mutmut==3.8.*'                                 # a dev tool: not in requirements.txt
-    python bench/mutation.py                                    # the four modules of issue 16
+    python bench/mutation.py                                    # the five pure modules (DEFAULT_PAIRS)
     python bench/mutation.py ufm.py tests/test_ufm.py           # one module, its test file(s)
     cd mutants/losses && mutmut show losses.x_focal__mutmut_1   # a mutant's diff, after a run
 
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants"
 ACCEPTED = ROOT / "bench" / "mutation_accepted.txt"
 DEFAULT_PAIRS = (
-    ("collapse_metrics.py", ["tests/test_collapse_metrics.py"]),
+    ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py"]),
+    ("ufm.py", ["tests/test_ufm.py", "tests/test_ufm_batched.py"]),
     ("losses.py", ["tests/test_losses_mixup.py"]),
     ("mixup.py", ["tests/test_losses_mixup.py"]),
     ("data/batches.py", ["tests/test_data.py"]),
@@ -59,7 +60,7 @@ class MutationError(Exception):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", nargs="?", help="the module to mutate, e.g. ufm.py (default: the four of issue 16)")
+    parser.add_argument("module", nargs="?", help="the module to mutate, e.g. ufm.py (default: DEFAULT_PAIRS)")
     parser.add_argument("tests", nargs="*", help="its test files, e.g. tests/test_ufm.py")
     parser.add_argument("--report-only", action="store_true",
                         help="no new run: the table of the last run's results in mutants/ (after editing "

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from collapse_metrics import METRIC_KEYS, mixup_geometry, nc_metrics, nc_statistics, simplex_etf
+from collapse_metrics import (LAYER_METRIC_KEYS, METRIC_KEYS, ClassMoments, diff_class_nonlinearity, mixup_geometry,
+                              nc_metrics, nc_statistics, nearest_mean_hits, simplex_etf)
 
 AGREEMENT_RTOL = 1e-8   # issue 3: values equal to 1e-8 relative
 ZERO_ATOL = 1e-12       # below this a value is rounding noise around 0
@@ -528,6 +529,12 @@ def test_gpu_features_with_the_rest_on_the_cpu():
     expected = design_mixup_geometry(H, y, y_b, lam, means, W, b)
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, rel=1e-10), key
+    # The per-layer functions, called with the rest on the CPU (mixup_geometry hands
+    # diff_class_nonlinearity tensors it has already moved).
+    nonlinearity = diff_class_nonlinearity(H_gpu, y, y_b, lam, means)
+    assert nonlinearity == pytest.approx(expected["diff_class_nonlinearity"], rel=1e-10)
+    hits = nearest_mean_hits(H_gpu, y, means)
+    assert hits.is_cuda and float(hits) == float(np.sum(nearest(H, means) == y))
 
 
 # ---------------------------------------------------------------- simplex_etf and mixup_geometry
@@ -759,3 +766,128 @@ def test_no_tensor_is_made_on_the_default_device_by_mixup_geometry():
                                      W.numpy(), np.zeros(C))
     for key, value in expected.items():
         assert out[key] == pytest.approx(value, rel=1e-12, abs=ZERO_ATOL), key
+
+
+# ---------------------------------------------------------------- ClassMoments: one-pass per-layer statistics
+
+def moments_of(H, y, C, batch=37):
+    """A ClassMoments fed H in batches of `batch` rows (uneven class counts per batch, a short last one)."""
+    H, y = torch.from_numpy(np.asarray(H)), torch.from_numpy(np.asarray(y))  # on the CPU whatever the default
+    moments = ClassMoments(C, H.shape[1], "cpu")
+    for start in range(0, len(y), batch):
+        moments.add(H[start:start + batch], y[start:start + batch])
+    return moments
+
+
+def design_layer_metrics(H, y):
+    """DESIGN.md's metrics of LAYER_METRIC_KEYS (those that need no classifier)."""
+    C = int(np.max(y)) + 1
+    W = np.random.default_rng(0).normal(size=(C, np.shape(H)[1]))  # any: no layer metric reads it
+    return {key: value for key, value in design_metrics(H, y, W).items() if key in LAYER_METRIC_KEYS}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_class_moments_agree_with_design_formulas(seed):
+    # Also a class with a single sample (present, its mean is that sample) and a class absent from y.
+    # One pass subtracts sum_c n_c mu_c mu_c^T from sum_i h_i h_i^T: float64 cancellation of about
+    # eps |h|^2 / tr(Sigma_W), 1e-14 here, far below AGREEMENT_RTOL.
+    H, y, _, _ = clustered(seed)
+    single = np.flatnonzero(y == 3)[0]
+    keep = (y != 3) | (np.arange(len(y)) == single)
+    H, y = H[keep], y[keep]
+    moments = moments_of(H, y, 6)
+    got = moments.metrics()
+    assert got["num_samples"] == len(y) and got["num_classes_present"] == 5 and got["nan_reasons"] == {}
+    assert_agrees(got, design_layer_metrics(H, y))
+    means = moments.class_means().numpy()
+    np.testing.assert_allclose(means[:5], design_class_means(H, y, 5), rtol=1e-13)
+    np.testing.assert_array_equal(means[3], H[single])
+    assert np.isnan(means[5]).all()
+
+
+def test_class_moments_of_two_classes():
+    H, y, _, _ = clustered(40)
+    two = y < 2
+    got = moments_of(H[two], y[two], 5).metrics()
+    assert got["num_classes_present"] == 2 and got["nan_reasons"] == {}
+    assert_agrees(got, design_layer_metrics(H[two], y[two]))
+
+
+def test_class_moments_of_many_classes_in_few_dimensions():
+    # G has rank 3 and 97 eigenvalues of rounding noise: the cut-off (relative, growing with P)
+    # drops them; a cut-off P^2 times lower keeps some here, and nc1 picks up their inverses.
+    H, y, _, _ = clustered(0, n=1000, d=3, C=100)
+    assert_agrees(moments_of(H, y, 100, batch=128).metrics(), design_layer_metrics(H, y))
+
+
+def test_class_moments_count_non_finite_rows_over_every_batch():
+    H, y, _, _ = clustered(41, n=90)
+    H = H.copy()
+    bad = [4, 50]  # in the first and the second of three batches; the last batch is clean
+    H[bad, 1] = [math.nan, -math.inf]
+    moments = moments_of(H, y, 5, batch=37)
+    got = moments.metrics()
+    assert got["nan_reasons"] == {key: "2 feature rows are non-finite" for key in LAYER_METRIC_KEYS}
+    assert all(math.isnan(got[key]) for key in LAYER_METRIC_KEYS)
+    finite = np.isfinite(H).all(axis=1)
+    assert got["num_samples"] == int(finite.sum())
+    np.testing.assert_allclose(moments.class_means().numpy(), design_class_means(H[finite], y[finite], 5), rtol=1e-13)
+
+
+def test_class_moments_without_samples_or_with_a_single_class():
+    nothing = ClassMoments(4, 3, "cpu").metrics()
+    assert nothing["num_samples"] == 0 and nothing["num_classes_present"] == 0
+    assert nothing["nan_reasons"] == {key: "no samples" for key in LAYER_METRIC_KEYS}
+    assert all(math.isnan(nothing[key]) for key in LAYER_METRIC_KEYS)
+    fewer = {key: "fewer than two classes present" for key in LAYER_METRIC_KEYS}
+    one_sample = moments_of(np.array([[1.0, 2.0, 3.0]]), np.array([2]), 4).metrics()
+    assert one_sample["num_samples"] == 1 and one_sample["nan_reasons"] == fewer
+    H, y, _, _ = clustered(42)
+    one_class = moments_of(H[y == 1], y[y == 1], 5).metrics()
+    assert one_class["num_classes_present"] == 1 and one_class["nan_reasons"] == fewer
+    assert all(math.isnan(one_class[key]) for key in LAYER_METRIC_KEYS)
+
+
+def test_class_moments_of_coinciding_class_means():
+    # Integer features (exact sums): every class mean is (1, 0), the spreads differ.
+    H = np.array([[2, 0], [0, 0], [1, 3], [1, -3], [1, 1], [1, -1]], dtype=np.float64)
+    y = np.repeat(np.arange(3), 2)
+    got = moments_of(H, y, 3, batch=4).metrics()
+    keys = ("nc1", "nc1_cdnv", "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h")
+    assert got["nan_reasons"] == {key: "all class means coincide (Sigma_B = 0)" for key in keys}
+    assert all(math.isnan(got[key]) for key in keys)
+    assert got["tr_sigma_b"] == 0.0 and got["tr_sigma_w"] == pytest.approx((2 + 18 + 2) / 6, rel=1e-15)
+
+
+def test_class_moments_of_two_coinciding_means_among_four_make_only_cdnv_nan():
+    H = np.array([[2, 1, 0], [0, -1, 0], [1, 1, 1], [1, -1, -1],
+                  [-1, 2, 0], [-1, 0, 0], [0, -3, 1], [0, -1, -1]], dtype=np.float64)
+    y = np.repeat(np.arange(4), 2)
+    got = moments_of(H, y, 4, batch=3).metrics()
+    assert math.isnan(got["nc1_cdnv"]) and got["nan_reasons"] == {"nc1_cdnv": "two class means coincide"}
+    with np.errstate(divide="ignore"):  # the design's cdnv divides by the zero distance
+        expected = design_layer_metrics(H, y)
+    del expected["nc1_cdnv"]
+    assert_agrees(got, expected)
+
+
+def test_class_moments_of_a_class_mean_at_the_global_mean():
+    H = np.array([[-2, 1], [-2, -1], [2, 2], [2, -2], [0, 3], [0, -3]], dtype=np.float64)
+    y = np.repeat(np.arange(3), 2)
+    got = moments_of(H, y, 3, batch=4).metrics()
+    h_keys = [f"nc2_{name}_h" for name in ("equinorm", "equiangle", "maxangle", "etf")]
+    assert got["nan_reasons"] == {key: "a class-mean row is zero" for key in h_keys}
+    assert all(math.isnan(got[key]) for key in h_keys)
+    with np.errstate(invalid="ignore"):  # the design's cosines divide by the zero norm
+        expected = {key: value for key, value in design_layer_metrics(H, y).items() if key not in h_keys}
+    assert_agrees(got, expected)
+
+
+def test_class_moments_make_no_tensor_on_the_default_device():
+    H, y, _, _ = clustered(43, n=120)
+    with torch.device(DEFAULT_ELSEWHERE):
+        moments = moments_of(H, y, 5)
+        got = moments.metrics()
+        means = moments.class_means()
+    assert means.device == torch.device("cpu")
+    assert_agrees(got, design_layer_metrics(H, y))

@@ -380,6 +380,19 @@ def test_train_batches_drop_last_keeps_full_batches():
     assert len(batches) == 4 and shapes == [(5, 1, 4, 4)] * 4
 
 
+@pytest.mark.parametrize("n, drop_last, sizes", [
+    (21, False, [5] * 4),      # a remainder of one sample is dropped: batch norm cannot train on it
+    (22, False, [5] * 4 + [2]),  # a remainder of two is kept
+    (22, True, [5] * 4),
+    (20, False, [5] * 4),
+])
+def test_train_batches_drop_a_last_batch_of_one_sample(n, drop_last, sizes):
+    batches = make_batches(n, 5, seed=0, drop_last=drop_last)
+    labels = [y for _, y in batches]
+    assert len(batches) == len(sizes) and [len(y) for y in labels] == sizes
+    assert len(set(torch.cat(labels).tolist())) == sum(sizes)  # distinct samples of the epoch's order
+
+
 def test_train_batches_order_depends_only_on_the_seed():
     def epoch_orders(seed):
         batches = make_batches(30, 7, seed=seed)

@@ -1,15 +1,16 @@
 """ufm: the mixup UFM optimum against closed forms, scipy.optimize in the full feature space and
 optimality conditions, the facts of issue 13, and the fit on features planted from a known (s, gamma)."""
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq, minimize
+from scipy.optimize import brentq, linprog, minimize, minimize_scalar
 
 import ufm
 from collapse_metrics import simplex_etf
-from losses import build_loss
+from losses import LOSSES, build_loss
 from mixup import triple_pair_types
 
 SCIPY_RTOL = 1e-6    # issue 13: the solver against scipy.optimize, relative
@@ -138,6 +139,27 @@ def test_mae_optimum_is_the_clipped_target_for_an_orthogonal_classifier():
     assert clipped.any() and (~clipped).any()
 
 
+def smallest_multipliers(A, rest):
+    """The u of A u = rest with the smallest max |u_c|, by linear programming (min s, -s <= u <= s);
+    least squares when A has full column rank (the solution is unique then)."""
+    if A.shape[1] == 0 or np.linalg.matrix_rank(A) == A.shape[1]:
+        return np.linalg.lstsq(A, rest, rcond=None)[0]
+    k = A.shape[1]
+    bound = np.block([[np.eye(k), -np.ones((k, 1))], [-np.eye(k), -np.ones((k, 1))]])
+    result = linprog(np.r_[np.zeros(k), 1.0], A_ub=bound, b_ub=np.zeros(2 * k),
+                     A_eq=np.c_[A, np.zeros(len(A))], b_eq=rest, bounds=(None, None), method="highs")
+    assert result.status == 0, result.message
+    return result.x[:k]
+
+
+def with_rows(classifier, rows):
+    """The classifier with row c of W zeroed (rows[c] None) or a copy of row rows[c] (weights and bias)."""
+    W, b = (v.clone() for v in classifier)
+    for c, source in rows.items():
+        W[c], b[c] = (0.0, b[c]) if source is None else (W[source], b[source])
+    return W, b
+
+
 def etf_classifier(C, d, seed):
     return simplex_etf(C, d, torch.Generator().manual_seed(seed)), torch.zeros(C, dtype=torch.float64)
 
@@ -146,7 +168,13 @@ def etf_classifier(C, d, seed):
     (lambda: random_classifier(6, 9, seed=7), 0.5),
     (lambda: random_classifier(7, 4, seed=8), 0.5),     # C > d: more logits than feature directions
     (lambda: random_classifier(7, 4, seed=8), 1e-3),
+    # no bias: at h = 0 every logit whose target is 0 sits on it, more than the rank of W (a singular piece)
+    (lambda: (random_classifier(7, 4, seed=8)[0], torch.zeros(7, dtype=torch.float64)), 1e-3),
     (lambda: etf_classifier(6, 8, seed=9), 0.05),       # rank C - 1, and logits starting on their targets
+    (lambda: with_rows(random_classifier(6, 9, seed=40), {3: None}), 0.05),  # a zero row: a logit that never moves
+    (lambda: with_rows(random_classifier(6, 9, seed=41), {1: 0}), 0.01),  # two equal classes: a singular piece
+    # a zero first row and no bias: logit 0 sits on its target 0 wherever t_0 = 0, and never moves
+    (lambda: (with_rows(random_classifier(6, 9, seed=42), {0: None})[0], torch.zeros(6, dtype=torch.float64)), 0.05),
 ])
 def test_mae_optimum_satisfies_the_subgradient_condition(classifier, relative_gamma):
     """0 in the subdifferential: some u in [-1, 1]^C with u_c = sign(r_c) where r_c != 0 and
@@ -162,7 +190,7 @@ def test_mae_optimum_satisfies_the_subgradient_condition(classifier, relative_ga
         on_target = np.abs(r) <= 1e-9 * np.abs(2.0 * t - b).max()
         u = np.sign(r)
         rest = -gamma * h - W[~on_target].T @ u[~on_target]
-        u_free, *_ = np.linalg.lstsq(W[on_target].T, rest, rcond=None)
+        u_free = smallest_multipliers(W[on_target].T, rest)
         # (relative to |W|, the size of W^T u for |u| <= 1: h itself may be 0, as for the ETF's one-hot rows)
         assert np.linalg.norm(W[on_target].T @ u_free - rest) <= 1e-9 * np.linalg.norm(W)
         assert np.abs(u_free).max(initial=0.0) <= 1 + 1e-8
@@ -352,19 +380,414 @@ def test_theory_curve_is_the_scaled_optimum_along_lambda():
 
 # ---------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize("call, message", [
-    (lambda W, T: ufm.optimal_features(W, None, T, "hinge", 1.0), "unknown loss"),
-    (lambda W, T: ufm.optimal_features(W, None, T, "focal", 1.0, focal_gama=2.0), "unknown loss option"),
-    (lambda W, T: ufm.optimal_features(W, None, T, "mse", 0.0), "gamma must be"),
-    (lambda W, T: ufm.optimal_features(W, None, T[:, :3], "mse", 1.0), "T \\(n, C\\)"),
-    (lambda W, T: ufm.optimal_features(0 * W, None, T, "mse", 1.0), "W is zero"),
-    (lambda W, T: ufm.newton_features(W, None, T, "mae", 1.0), "not differentiable"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 6), T, W, None, "mse", torch.zeros(7)), "H must be"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), same_class=[True]), "same_class"),
+NAN_W = torch.tensor([[math.nan] * 7] + [[1.0] * 7] * 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call, message", [  # the whole message: it is what the user reads
+    (lambda W, T: ufm.optimal_features(W, None, T, "hinge", 1.0),
+     f"unknown loss 'hinge'; choose from {', '.join(LOSSES)}"),
+    (lambda W, T: ufm.optimal_features(W, None, T, "focal", 1.0, focal_gama=2.0, mse_scal=1.0),
+     "unknown loss option(s) focal_gama, mse_scal; the options are label_smoothing, mse_scale, focal_gamma"),
+    (lambda W, T: ufm.optimal_features(W, None, T, "mse", 0.0), "gamma must be a positive finite number, got 0.0"),
+    (lambda W, T: ufm.optimal_features(W, None, T[:, :3], "mse", 1.0),
+     "W must be (C, d), b (C,) and T (n, C), got (4, 7), (4,) and (36, 3)"),
+    (lambda W, T: ufm.optimal_features(W, torch.zeros(3), T, "mse", 1.0),
+     "W must be (C, d), b (C,) and T (n, C), got (4, 7), (3,) and (36, 4)"),
+    (lambda W, T: ufm.optimal_features(torch.ones(4), None, T, "mse", 1.0),
+     "W must be (C, d), b (C,) and T (n, C), got (4,), (4,) and (36, 4)"),
+    (lambda W, T: ufm.optimal_features(NAN_W, None, T, "mse", 1.0), "W, b and T must be finite"),
+    (lambda W, T: ufm.optimal_features(0 * W, None, T, "mse", 1.0), "W is zero: the optimum is h = 0 for every target"),
+    (lambda W, T: ufm.newton_features(W, None, T, "mae", 1.0),
+     "mae is not differentiable: its optimum comes from the active-set method, not Newton"),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 6), T, W, None, "mse", torch.zeros(7)),
+     "H must be (n, d) = (36, 7) and mu (d,), got (36, 6) and (7,)"),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), same_class=[True]),
+     "same_class must be (36,), got (1,)"),
     (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(1, 1)),
-     "gamma_range"),
+     "gamma_range must be 0 < low < high < inf, got (1, 1)"),
 ])
 def test_bad_input_is_a_clear_value_error(call, message):
     W, _ = random_classifier(4, 7, seed=27)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
         call(W, mixup_targets(4))
+
+
+# ---------------------------------------------------------------- inputs: where tensors live, what they may be
+
+# With the default device set to 'meta' (no data), a tensor made without the input's device fails
+# the first operation that meets a CPU tensor; the tensors made on W's device stay on the CPU.
+DEFAULT_ELSEWHERE = "meta"
+
+
+def test_no_tensor_is_made_on_the_default_device():
+    W, b = random_classifier(5, 7, seed=28)
+    T = mixup_targets(5)
+    gamma = 0.05 * spectral_sq(W)
+    expected = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.2, seed=29)
+    fitted, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    with torch.device(DEFAULT_ELSEWHERE):
+        # b=None: zeros made on W's device
+        got = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
+        curve = ufm.theory_curve(W, None, (0, 1), LAMBDAS, "cross_entropy", gamma, 2.0)
+        metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    for loss in ALL_LOSSES:
+        assert got[loss].device == W.device
+        torch.testing.assert_close(got[loss], expected[loss], rtol=0, atol=0)
+    torch.testing.assert_close(curve, 2.0 * expected["cross_entropy"][18:24], rtol=1e-12, atol=0)  # pair (0, 1)
+    assert H_fit.device == W.device and metrics == fitted
+
+
+def test_bfloat16_features_are_accepted():
+    """Features from a bf16 measurement pass (a dtype numpy has not): exactly their float64 values."""
+    W, b = random_classifier(4, 10, seed=30)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=31)
+    H16 = H.bfloat16()
+    expected, expected_fit = ufm.fit(H16.double(), T, W, b, "cross_entropy", mu)
+    got, H_fit = ufm.fit(H16, T, W, b, "cross_entropy", mu)
+    assert got == expected and torch.equal(H_fit, expected_fit)
+
+
+def test_same_class_may_be_given_as_zeros_and_ones():
+    W, b = random_classifier(4, 10, seed=32)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=33)
+    same = np.array([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
+    as_bool, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=torch.from_numpy(same))
+    as_int, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same.astype(np.int64))
+    assert as_int == as_bool and as_bool["residual_same_class"] != as_bool["residual_diff_class"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_classifier_with_the_rest_on_the_cpu():
+    """Everything follows W's device: targets, bias, features, mu, same_class and lambdas given on
+    the CPU (tensors or numpy) are moved to it, and the results live there."""
+    W, b = random_classifier(4, 10, seed=34)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=35)
+    same = torch.tensor([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
+    expected, expected_fit = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same)
+    for loss in ALL_LOSSES:
+        got = ufm.optimal_features(W.cuda(), b, T.numpy(), loss, 0.3)
+        assert got.is_cuda
+        torch.testing.assert_close(got.cpu(), ufm.optimal_features(W, b, T, loss, 0.3), rtol=1e-9, atol=1e-12)
+    # The GPU's rounding may move the refinement within its tolerance (LOG_GAMMA_XATOL, 1 %).
+    for mask in (same, same.cuda()):  # the mask on the CPU or already on W's device
+        metrics, H_fit = ufm.fit(H.numpy(), T, W.cuda(), b.numpy(), "cross_entropy", mu, same_class=mask)
+        assert H_fit.is_cuda and metrics["gamma"] == pytest.approx(expected["gamma"], rel=ufm.LOG_GAMMA_XATOL)
+        for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share"):
+            assert metrics[key] == pytest.approx(expected[key], rel=1e-3), key
+        torch.testing.assert_close(H_fit.cpu(), expected_fit, rtol=1e-2, atol=1e-6)
+    curve = ufm.theory_curve(W.cuda(), b, (0, 1), LAMBDAS, "mse", 0.3, 2.0)
+    assert curve.is_cuda
+
+
+# ---------------------------------------------------------------- the row space of W
+
+def classifier_with_singular_values(values, C=5, d=7, seed=36):
+    """(C, d) W = U diag(values) V^T with random orthonormal U, V: a chosen spectrum."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(C, len(values), generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(d, len(values), generator=g, dtype=torch.float64))[0]
+    return U @ torch.diag(torch.tensor(values, dtype=torch.float64)) @ V.T, U, V
+
+
+def test_singular_values_below_the_rank_cut_off_count_as_zero():
+    """The module's rule: singular values below RANK_RTOL s_max are zero. 5e-6 against 10 is below
+    it (1e-5), so the optimum is the formula's for W without that direction (kept, it would move
+    the optimum by about 1e-6 relative, far beyond EXACT_RTOL)."""
+    values = (10.0, 1.0, 5e-6)
+    W, U, V = classifier_with_singular_values(values)
+    truncated = U[:, :2] @ torch.diag(torch.tensor(values[:2], dtype=torch.float64)) @ V[:, :2].T
+    b, T = 0.3 * torch.ones(5, dtype=torch.float64), mixup_targets(5)
+    expected = mse_formula(truncated, b, T, 3.0)
+    assert relative(ufm.optimal_features(W, b, T, "mse", 3.0), expected) < EXACT_RTOL
+    assert relative(mse_formula(W, b, T, 3.0), expected) > 1e3 * EXACT_RTOL  # the direction is not negligible
+
+
+@pytest.mark.parametrize("scale", [1e-8, 1e8])
+def test_only_gamma_over_the_norm_of_w_squared_matters(scale):
+    """h*(a W, a^2 gamma) = h*(W, gamma) / a (h -> a h turns one problem into the other): a classifier of
+    tiny or huge norm keeps its full rank and every tolerance of the solvers scales with it."""
+    W, b = random_classifier(5, 7, seed=37)
+    T = mixup_targets(5)
+    gamma = 0.3 * spectral_sq(W)
+    for loss in ALL_LOSSES:
+        expected = ufm.optimal_features(W, b, T, loss, gamma) / scale
+        got = ufm.optimal_features(scale * W, b, T, loss, gamma * scale ** 2)
+        assert relative(got, expected) < EXACT_RTOL, loss
+    assert relative(ufm.optimal_features(scale * W, b, T, "mse", gamma * scale ** 2),
+                    mse_formula(scale * W, b, T, gamma * scale ** 2)) < EXACT_RTOL
+
+
+@pytest.mark.parametrize("loss_name", ALL_LOSSES)
+def test_a_rank_one_classifier(loss_name):
+    """W = s u v^T: h* = alpha v with alpha the minimiser of l(alpha s u + b, t) + gamma alpha^2 / 2,
+    a one-dimensional problem solved here by scipy for each target."""
+    W, U, V = classifier_with_singular_values((2.0,), seed=38)
+    b = 0.2 * torch.arange(5, dtype=torch.float64)
+    T = mixup_targets(5, lambdas=np.array([0.0, 0.3]))
+    loss = build_loss(loss_name, mse_scale=1.5)
+    H = ufm.optimal_features(W, b, T, loss_name, 0.7, mse_scale=1.5)
+    for h, t in zip(H, T):
+        def objective(alpha):
+            return float(loss((alpha * 2.0 * U[:, 0] + b)[None], t[None])) + 0.35 * alpha ** 2
+        alpha = minimize_scalar(objective, bounds=(-20, 20), method="bounded", options={"xatol": 1e-12}).x
+        np.testing.assert_allclose(h, alpha * V[:, 0], rtol=0, atol=1e-7)
+
+
+# ---------------------------------------------------------------- the Newton solver's safeguards
+
+def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of_ten():
+    """A row that is not positive definite gets shift * 10^k added, k = 0, 1, 2, ... the first that
+    makes it so; a positive definite row is factored as it is."""
+    shift = torch.eye(2, dtype=torch.float64)
+    first_pivot = torch.tensor([[[2.0, 1.0], [1.0, 3.0]], [[-0.5, 0.0], [0.0, 3.0]]], dtype=torch.float64)
+    torch.testing.assert_close(ufm._factor(first_pivot, shift),
+                               torch.linalg.cholesky(first_pivot + torch.tensor([0.0, 1.0])[:, None, None] * shift),
+                               rtol=1e-15, atol=0)
+    second_pivot = torch.tensor([[[3.0, 0.0], [0.0, -50.0]]], dtype=torch.float64)  # 1 and 10 are not enough
+    torch.testing.assert_close(ufm._factor(second_pivot, shift), torch.linalg.cholesky(second_pivot + 100.0 * shift),
+                               rtol=1e-15, atol=0)
+    with pytest.raises(RuntimeError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
+        ufm._factor(-1e40 * shift[None], shift)
+
+
+def focal_with_three_stationary_points():
+    """A focal problem in one feature dimension with a local maximum between two local minima.
+
+    W = [[1], [0]], b = (-60, 0), target e_0: the margin is m = h - 60 and the objective
+    L(m) + gamma h^2 / 2, L(m) = -(1 - p)^5 log p, p = sigmoid(m). L' dips below -1 near m = -3
+    (focal's negative curvature), so f'(m) = L'(m) + gamma (m + 60) has three roots for gamma = 0.02.
+    Returns the problem, gamma and the roots in m, by brentq on f' written out here.
+    """
+    W = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
+    b = torch.tensor([-60.0, 0.0], dtype=torch.float64)
+    T = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    gamma = 0.02
+
+    def slope(m):  # f'(m): dL/dm = 5 (1-p)^5 p log p - (1-p)^6 (as dp/dm = p (1-p)), plus the penalty's
+        p = 1.0 / (1.0 + math.exp(-m))
+        return 5 * (1 - p) ** 5 * p * math.log(p) - (1 - p) ** 6 + gamma * (m + 60.0)
+
+    brackets = [(-12.0, -7.0), (-7.0, -4.0), (-3.0, -1.0)]
+    roots = [brentq(slope, low, high, xtol=1e-15) for low, high in brackets]
+    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots
+
+
+def test_newton_from_a_point_of_negative_curvature_descends_to_the_minimum_beside_it():
+    """Started between the local maximum and the right minimum, where the Newton matrix is not
+    positive definite: shifted steps that only descend end at the right minimum, not the left one."""
+    problem, gamma, (_, maximum, right) = focal_with_three_stationary_points()
+    start = (problem.V.T * (maximum + 1.0 + 60.0)).reshape(1, -1)  # coordinates of h = m + 60, m one past the maximum
+    x = ufm._newton(problem, gamma, start)
+    assert float((x @ problem.V)[0, 0]) - 60.0 == pytest.approx(right, abs=1e-9)
+
+
+def test_newton_stopped_at_a_saddle_of_the_focal_objective_raises():
+    """Docstring: a stationary point whose Newton matrix is not positive definite raises, never
+    passes for a minimum. Started exactly at the local maximum, the gradient already vanishes."""
+    problem, gamma, (_, maximum, _) = focal_with_three_stationary_points()
+    start = (problem.V.T * (maximum + 60.0)).reshape(1, -1)
+    with pytest.raises(RuntimeError, match="^ufm: the Newton iteration stopped at a saddle point of the objective$"):
+        ufm._newton(problem, gamma, start)
+
+
+@pytest.mark.parametrize("limit, value, loss_name, message", [
+    ("MAX_ITERATIONS", 1, "cross_entropy",
+     r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3, 15 targets left\)"),
+    ("MAX_ACTIVE_SET_STEPS", 1, "mae",
+     r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3, \d+ targets left\)"),
+    ("MAX_BACKTRACKS", 0, "cross_entropy",
+     r"ufm: the line search found no decrease \(the Newton direction is not a descent direction\)"),
+])
+def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limit, value, loss_name,
+                                                                           message):
+    W, b = random_classifier(5, 7, seed=43)
+    T = mixup_targets(5)  # 15 distinct targets
+    monkeypatch.setattr(ufm, limit, value)
+    with pytest.raises(RuntimeError, match="^" + message + "$"):
+        ufm.optimal_features(W, 3 * b, T, loss_name, 0.3)
+
+
+def test_focal_with_a_softmax_saturated_at_the_start():
+    """A bias of 40 puts p_0 at 1 in float64 at h = 0: log p_0 = 0 exactly, where focal's per-class
+    derivatives must stay finite. Against scipy in the full feature space."""
+    W, _ = random_classifier(5, 7, seed=44)
+    b = torch.tensor([40.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    T = mixup_targets(5, lambdas=np.array([0.0, 0.3]))
+    gamma = 0.05 * spectral_sq(W)
+    reference = scipy_optimum(W, b, T, "focal", gamma, focal_gamma=2.0)
+    ours = ufm.optimal_features(W, b, T, "focal", gamma, focal_gamma=2.0).numpy()
+    assert torch.softmax(b, dim=0)[0] == 1.0  # saturated in float64
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=SCIPY_RTOL * np.abs(reference).max())  # h* = 0 for e_0
+
+
+# ---------------------------------------------------------------- the fit's search and its numbers
+
+def grid_residuals(H, mu, W, b, T, loss_name, gammas, **options):
+    """(|P(H-mu) - s_k H*_k|_F, s_k) at each gamma_k, s_k = max(0, <P(H-mu), H*_k>) / |H*_k|^2, by numpy."""
+    inside = (np.asarray(H) - np.asarray(mu)) @ (np.eye(W.shape[1]) - null_projector(W))
+    out = []
+    for gamma in gammas:
+        H_star = ufm.optimal_features(W, b, T, loss_name, gamma, **options).numpy()
+        scale = max(float(np.sum(inside * H_star)), 0.0) / float(np.sum(H_star ** 2))
+        out.append((float(np.linalg.norm(inside - scale * H_star)), scale))
+    return out, float(np.linalg.norm(inside))
+
+
+@pytest.mark.parametrize("gamma_range, exponents", [
+    (ufm.GAMMA_RANGE, [4, 2, 0, -2, -4, -6, -8]),  # a grid point every two decades, from the top
+    ((1e-2, 10 ** 1.06), [1.06, -0.47, -2]),       # 3.06 decades: 1.53 intervals round to 2
+    ((1e-2, 1.0), [0, -2]),                        # 2 decades: the two ends
+])
+def test_residual_gamma_spread_is_over_the_documented_grid(gamma_range, exponents):
+    W, b = random_classifier(4, 10, seed=45, bias=0.2)
+    T = mixup_targets(4)
+    gamma = 0.1 * spectral_sq(W)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=46)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=gamma_range)
+    residuals, norm = grid_residuals(H, mu, W, b, T, "cross_entropy", [10.0 ** e * spectral_sq(W) for e in exponents])
+    spread = (max(r for r, _ in residuals) - min(r for r, _ in residuals)) / norm
+    assert spread > 1e-4 and metrics["residual_gamma_spread"] == pytest.approx(spread, rel=1e-6)
+    assert metrics["identifiable"] and metrics["gamma"] == pytest.approx(gamma, rel=0.02)
+
+
+@pytest.mark.parametrize("relative_gamma, gamma_range, best", [
+    (0.05, (1e-2, 1e2), 2),  # grid 1e2, 1, 1e-2: the best grid point is the lowest
+    (3.0, (1e-3, 10.0), 0),  # grid 10, 0.1, 1e-3: the best grid point is the highest
+])
+def test_fit_refines_between_the_best_grid_point_and_its_neighbour(relative_gamma, gamma_range, best):
+    """The planted gamma lies inside the range, next to an end grid point: the refinement searches
+    between that point and its one neighbour, and finds it."""
+    W, b = random_classifier(4, 10, seed=48, bias=0.2)
+    T = mixup_targets(4)
+    gamma = relative_gamma * spectral_sq(W)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=49)
+    grid = [10.0 ** e * spectral_sq(W) for e in np.linspace(math.log10(gamma_range[1]), math.log10(gamma_range[0]), 3)]
+    residuals, _ = grid_residuals(H, mu, W, b, T, "cross_entropy", grid)
+    assert int(np.argmin([r for r, _ in residuals])) == best  # the case this test is about
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=gamma_range)
+    assert metrics["identifiable"] and not metrics["gamma_at_bound"]
+    assert metrics["gamma"] == pytest.approx(gamma, rel=0.02) and metrics["scale"] == pytest.approx(2.0, rel=0.02)
+
+
+def test_fit_flags_a_gamma_at_the_top_of_the_search_range():
+    W, b = random_classifier(4, 10, seed=21)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 1.0 * spectral_sq(W), 1.0, 0.0, seed=22)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=(1e-3, 1e-1))
+    assert metrics["gamma_at_bound"] and metrics["identifiable"]
+    assert metrics["gamma"] == pytest.approx(0.1 * spectral_sq(W), rel=0.05)
+
+
+def test_fit_with_fewer_distinct_targets_than_classes():
+    """One pair type of six classes: 4 distinct targets (lam = 0, 0.3, 0.7, 1), repeated unevenly."""
+    W, b = random_classifier(6, 10, seed=50, bias=0.2)
+    lam = np.array([0.0, 0.3, 0.3, 0.7, 1.0, 1.0, 1.0])[:, None]
+    T = torch.tensor(lam * np.eye(6)[0] + (1 - lam) * np.eye(6)[1])
+    gamma = 0.1 * spectral_sq(W)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=51)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    assert metrics["identifiable"] and metrics["gamma"] == pytest.approx(gamma, rel=0.02)
+    assert metrics["scale"] == pytest.approx(2.0, rel=0.02) and metrics["residual"] < 1e-3
+
+
+def test_fit_residuals_of_small_features_and_of_a_group_without_features():
+    """Residuals are relative: features of norm 1e-3 give the numpy residuals of their fit; a group
+    whose features are all at mu has no residual to speak of (NaN), the rest are unaffected."""
+    W, b = random_classifier(4, 10, seed=52, bias=0.2)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2e-3, 0.3, seed=53)
+    H = H + 1e-4 * torch.randn(H.shape, generator=torch.Generator().manual_seed(54), dtype=torch.float64)
+    same = torch.tensor([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
+    H[same] = mu  # same-class points exactly at the global mean
+    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same)
+    inside = (H - mu).numpy() @ (np.eye(10) - null_projector(W))
+    assert float(np.sum(inside ** 2)) < 1e-4
+    for key, mask in (("residual", np.ones(len(T), bool)), ("residual_diff_class", ~same.numpy())):
+        expected = np.linalg.norm(inside[mask] - H_fit.numpy()[mask]) / np.linalg.norm(inside[mask])
+        assert metrics[key] == pytest.approx(expected, rel=1e-9), key
+    assert math.isnan(metrics["residual_same_class"])
+
+
+def test_fit_to_an_optimum_that_is_zero_at_every_gamma():
+    """mse with b = kappa t for the one target: h* = 0 whatever gamma. No multiple of it explains
+    the features: s = 0, residual 1, and no gamma can be told from another."""
+    W, _ = random_classifier(4, 10, seed=55)
+    T = torch.eye(4, dtype=torch.float64)[[0] * 6]
+    b = 2.0 * T[0]
+    H = torch.randn(6, 10, generator=torch.Generator().manual_seed(56), dtype=torch.float64)
+    mu = torch.zeros(10, dtype=torch.float64)
+    metrics, H_fit = ufm.fit(H, T, W, b, "mse", mu, mse_scale=2.0)
+    assert metrics["identifiable"] is False and metrics["gamma"] is None and metrics["scale"] is None
+    assert metrics["residual"] == 1.0 and metrics["residual_gamma_spread"] == 0.0
+    assert metrics["curve_scale"] == 0.0 and torch.equal(H_fit, torch.zeros_like(H))
+
+
+@pytest.mark.parametrize("case", ["non-finite", "outside the row space"])
+def test_fit_without_numbers_returns_every_key_as_nan_or_none(case):
+    W, b = random_classifier(4, 10, seed=23)
+    T = mixup_targets(4)
+    mu = torch.ones(10, dtype=torch.float64)
+    H = mu.repeat(len(T), 1)  # every feature at mu: nothing in the row space of W
+    if case == "non-finite":
+        H[3, 2] = math.nan
+    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    reason, gamma_range = {
+        "non-finite": ("H is not finite", [math.nan, math.nan]),
+        "outside the row space": ("the features have no component in the row space of W",
+                                  [1e-8 * spectral_sq(W), 1e4 * spectral_sq(W)]),
+    }[case]
+    assert set(metrics) == {"gamma", "scale", "identifiable", "gamma_at_bound", "residual", "residual_same_class",
+                            "residual_diff_class", "outside_share", "residual_gamma_spread", "curve_gamma",
+                            "curve_scale", "gamma_range", "nan_reason"}
+    assert metrics["gamma"] is None and metrics["scale"] is None and metrics["nan_reason"] == reason
+    assert metrics["identifiable"] is False and metrics["gamma_at_bound"] is False
+    for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share", "residual_gamma_spread",
+                "curve_gamma", "curve_scale"):
+        assert math.isnan(metrics[key]), key
+    np.testing.assert_allclose(metrics["gamma_range"], gamma_range, rtol=1e-12)
+    assert torch.isnan(H_fit).all()
+
+
+@pytest.mark.parametrize("offset, at_bound", [(1.5, True), (2.5, False)])
+def test_fit_flags_a_gamma_within_two_tolerances_of_an_end(offset, at_bound):
+    """Planted offset LOG_GAMMA_XATOL times above the lower end (in log gamma), recovered to far
+    better than the tolerance here: flagged when within 2 tolerances, not beyond."""
+    W, b = random_classifier(4, 10, seed=58, bias=0.2)
+    T = mixup_targets(4)
+    low = 1e-2
+    gamma = low * spectral_sq(W) * math.exp(offset * ufm.LOG_GAMMA_XATOL)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=59)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=(low, 1.0))
+    assert metrics["gamma"] == pytest.approx(gamma, rel=0.1 * ufm.LOG_GAMMA_XATOL)
+    assert metrics["gamma_at_bound"] is at_bound
+
+
+@pytest.mark.parametrize("loss_name, options", [
+    ("cross_entropy", {}), ("focal", {"focal_gamma": 2.0}),
+    ("smooth_l1", {}), ("smooth_l1", {"mse_scale": 3.0, "label_smoothing": 0.1}),
+])
+@pytest.mark.parametrize("shape, seed", [((5, 7), 2), ((7, 4), 8)])
+def test_newton_optimum_meets_the_stationarity_rule_over_the_whole_gamma_range(loss_name, options, shape, seed):
+    """The module's stopping rule, checked in the full feature space with autograd through the loss:
+    |W^T grad_z l + gamma h| <= max(STATIONARITY_RTOL gamma |h|, the gradient's rounding floor
+    FLOOR_ULPS eps s_max (|grad_z l|_1 + k |t~|_1)), at gammas from the bottom of the fit's range up."""
+    W, b = random_classifier(*shape, seed=seed)
+    T = mixup_targets(shape[0], lambdas=np.array([0.0, 0.3, 0.7]))
+    kappa = options.get("mse_scale", 1.0) if loss_name == "smooth_l1" else 1.0
+    smoothed = (1 - options.get("label_smoothing", 0.0)) * T + options.get("label_smoothing", 0.0) / shape[0]
+    s_max = math.sqrt(spectral_sq(W))
+    loss = build_loss(loss_name, **options)
+    for relative_gamma in (ufm.GAMMA_RANGE[0], 1e-5, 1e-2, 0.3):
+        gamma = relative_gamma * s_max ** 2
+        H = ufm.optimal_features(W, b, T, loss_name, gamma, **options)
+        z = (H @ W.T + b).requires_grad_()
+        grad_z, = torch.autograd.grad(loss(z, T) * len(T), z)
+        gradient = grad_z @ W + gamma * H
+        floor = ufm.FLOOR_ULPS * torch.finfo(torch.float64).eps * s_max * (
+            grad_z.abs().sum(dim=1) + kappa * smoothed.abs().sum(dim=1))
+        bound = torch.maximum(ufm.STATIONARITY_RTOL * gamma * H.norm(dim=1), floor)
+        assert (gradient.norm(dim=1) <= 2 * bound).all(), relative_gamma
