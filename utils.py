@@ -6,6 +6,9 @@
     python utils.py calibration runs/x --epoch 50
     python utils.py summary 'runs/*' --csv summary.csv
     python utils.py representations runs/x --epochs 1,10,last --samples
+    python utils.py representations runs/x --theory          # with the UFM optimum's curves
+    python utils.py representations runs/x --layer hidden1   # at a stage below the classifier
+    python utils.py layers runs/x runs/y --epochs 0,10,last  # NC1, NCC error, non-linearity against depth
 
 A RUN is a run folder, a glob of run folders, or a parent folder (a sweep):
 every run folder below it is used. Runs that differ only in --seed are
@@ -20,13 +23,15 @@ import os
 import sys
 from typing import List, Optional
 
+from plotting.depth import layers_figure
 from plotting.figures import calibration_figure, compare_figure, curves_figure, nc_figure
 from plotting.groups import check_distinct_seeds, describe_mixing, group_runs
 from plotting.loading import RunError, load_runs
-from plotting.metrics import BANDS, SPLITS, errors_for_accuracies, parse_metric_list
+from plotting.metrics import BANDS, SPLITS, check_layer_stages, errors_for_accuracies, parse_metric_list
 from plotting.representations import VIEWS, representations_figure
 from plotting.style import DEFAULT_DPI, check_output_path, figure_style, save_figure
 from plotting.summary import DEFAULT_SUMMARY_METRICS, format_table, summary_rows, write_csv
+from plotting.triangle import FEATURES, TriangleOptions
 
 PROG = "utils.py"
 EXIT_ERROR, EXIT_USAGE = 1, 2
@@ -131,7 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
                                       "between class means and between classifier rows, against a simplex ETF "
                                       "(default: triangle)")
     representations.add_argument("--samples", action="store_true",
-                                 help="also draw the clean training samples of the triple (triangle view)")
+                                 help="also draw the clean training samples of the triple (triangle view; "
+                                      "the features pickle keeps them for the last layer only)")
+    representations.add_argument("--theory", action="store_true",
+                                 help="triangle view: also draw the optimum of the unconstrained-features model "
+                                      "fitted at each epoch (a dark curve over lambda per different-class pair "
+                                      "type, a dark marker per same-class one) and its residual")
+    representations.add_argument("--layer", metavar="STAGE", default=None,
+                                 help="triangle view at a stage of the model (a run with --nc-layers): the mixup "
+                                      "points' vectors there, on the plane where the triple's class means at "
+                                      "that stage land on the triangle's vertices")
+
+    layers = commands.add_parser("layers", help="NC1, nearest-class-mean error and mixup non-linearity against "
+                                                "depth, one line per epoch (runs with --nc-layers)")
+    _add_run_arguments(layers, "layers.png", grouped=False)
+    layers.add_argument("--by", metavar="KEY[,KEY]", default=None,
+                        help="config keys that name the runs in the row labels (default: the keys that differ)")
+    layers.add_argument("--epochs", metavar="E[,E]", default=None,
+                        help="epochs to draw, one line each; 'last' is the last measured (default: epoch 0 "
+                             "and up to 4 spread over the feature epochs)")
     return parser
 
 
@@ -187,6 +210,7 @@ def command_calibration(args) -> None:
 def command_compare(args) -> None:
     metrics, notes = errors_for_accuracies(parse_metric_list(args.metric, args.split))
     runs, groups = _groups(args)
+    check_layer_stages(metrics, runs)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     _render(lambda: compare_figure(groups, metrics, args.band), args, runs, "compare.png")
@@ -194,7 +218,8 @@ def command_compare(args) -> None:
 
 def command_summary(args) -> None:
     metrics = parse_metric_list(args.metric, args.split)
-    _, groups = _groups(args)
+    runs, groups = _groups(args)
+    check_layer_stages(metrics, runs)
     rows = summary_rows(groups, metrics, args.epoch)
     print(format_table(rows, metrics))
     if args.csv:
@@ -202,14 +227,38 @@ def command_summary(args) -> None:
         print(f"wrote {args.csv}")
 
 
+def triangle_options(args) -> TriangleOptions:
+    """The triangle view's options, with combinations that mean nothing refused as usage errors."""
+    if args.view != "triangle" and (args.theory or args.layer):
+        raise UsageError(f"--theory and --layer draw on the triangle view, not --view {args.view}")
+    if args.theory and args.layer:
+        raise UsageError("--theory draws on the classifier plane of the last layer; it cannot go with --layer")
+    if args.samples and args.layer not in (None, FEATURES):
+        raise UsageError(f"--samples: the features pickle keeps the clean samples' vectors of the last layer "
+                         f"only, not of {args.layer}")
+    return TriangleOptions(samples=args.samples, theory=args.theory, layer=args.layer)
+
+
 def command_representations(args) -> None:
+    options = triangle_options(args)
     runs, groups = _groups(args, averaged=False)  # one row per run
-    name = "representations.png" if args.view == "triangle" else f"representations_{args.view}.png"
-    _render(lambda: representations_figure(groups, args.epochs, args.view, args.samples), args, runs, name)
+    if args.view != "triangle":
+        name = f"representations_{args.view}.png"
+    elif args.layer:
+        name = f"representations_{args.layer}.png"
+    else:
+        name = "representations_theory.png" if args.theory else "representations.png"
+    _render(lambda: representations_figure(groups, args.epochs, args.view, options), args, runs, name)
+
+
+def command_layers(args) -> None:
+    runs, groups = _groups(args, averaged=False)  # one row per run
+    _render(lambda: layers_figure(groups, args.epochs), args, runs, "layers.png")
 
 
 COMMANDS = {"curves": command_curves, "nc": command_nc, "calibration": command_calibration,
-            "compare": command_compare, "summary": command_summary, "representations": command_representations}
+            "compare": command_compare, "summary": command_summary, "representations": command_representations,
+            "layers": command_layers}
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -223,6 +272,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return stop.code if isinstance(stop.code, int) else EXIT_USAGE
     try:
         COMMANDS[args.command](args)
+    except UsageError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
     except RunError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return EXIT_ERROR

@@ -3,8 +3,10 @@
 #   1. trains the runs they need into a scratch folder (nothing under runs/ is touched),
 #   2. draws the figures into docs/ with utils.py, as the README's commands do,
 #   3. prints every number the README quotes (the default-run table, the summary table,
-#      the representations numbers), ready to paste.
-# On the project's 2-core CPU machine it takes a few minutes; the numbers in README.md
+#      the representations numbers, the UFM residual table, the per-layer table and the
+#      cost of --nc-layers), ready to paste.
+# On the project's 2-core CPU machine it trains ten 100-epoch runs: under ten minutes when the
+# machine is otherwise idle, about 25 on a busy one. The numbers in README.md
 # come from it. Their last digits differ between CPU models (the order of float
 # summation differs), and wall times vary with the machine's load.
 #
@@ -19,6 +21,8 @@ cd "$(dirname "$0")/.."
 SCRATCH=${1:-$(mktemp -d /tmp/make_figures.XXXXXX)}
 RUNS=$SCRATCH/runs
 SWEEP=$RUNS/loss_sweep
+ETF=$RUNS/etf            # the two losses with a fixed simplex-ETF classifier (UFM figure)
+MANIFOLD=$RUNS/manifold  # the two losses with manifold mixup (layers figure)
 LOGS=$SCRATCH/logs
 DOCS=docs
 DPI=100  # with the palette reduction below, keeps each README image small
@@ -73,20 +77,34 @@ python -c "import platform, torch, numpy, matplotlib; print(f'python {platform.p
 echo "scratch folder: $SCRATCH"
 
 # ------------------------------------------------------------------ 1. runs
-# The README's loss sweep: four default digits runs, two losses by two seeds. Its
-# cross_entropy_s0 run is the default run (`python main.py`: cross-entropy, seed 0),
-# so its wall time is the "with mixup" column of the default-run table.
-echo "== training (5 runs of 100 epochs)"
+# The default run (`python main.py`: cross-entropy, seed 0), as a user starts it: its wall
+# time is the "with mixup" column of the default-run table.
+echo "== training (10 runs of 100 epochs)"
+WALL_MIXUP=$(train default --out-dir "$RUNS" --run-name default)
+# The README's loss sweep: four default digits runs, two losses by two seeds, measured at
+# every stage too (--nc-layers all adds measurements, not training: its cross_entropy_s0 is
+# the default run, record for record, which section 7 checks).
 for loss in cross_entropy mse; do for seed in 0 1; do
-    time_s=$(train "${loss}_s${seed}" --out-dir "$SWEEP" --run-name "${loss}_s${seed}" --loss "$loss" --seed "$seed")
-    if [ "$loss" = cross_entropy ] && [ "$seed" = 0 ]; then WALL_MIXUP=$time_s; fi
+    time_s=$(train "${loss}_s${seed}" --out-dir "$SWEEP" --run-name "${loss}_s${seed}" --loss "$loss" --seed "$seed" \
+        --nc-layers all)
+    if [ "$loss" = cross_entropy ] && [ "$seed" = 0 ]; then WALL_NC_LAYERS=$time_s; fi
 done; done
 # The default run without mixup, for the table's second column.
 WALL_NO_MIXUP=$(train no_mixup --out-dir "$RUNS" --run-name no_mixup --mixup-alpha 0)
+# The UFM figure's fixed classifier: both losses with a simplex-ETF last layer (seed 0).
+for loss in cross_entropy mse; do
+    train "etf_$loss" --out-dir "$ETF" --run-name "$loss" --loss "$loss" --etf-classifier > /dev/null
+done
+# The layers figure's manifold mixup: Verma et al.'s recipe, a stage drawn per batch from
+# the input and the first two stages (mlp: input, hidden1, hidden2), per-layer NC on.
+for loss in cross_entropy mse; do
+    train "manifold_$loss" --out-dir "$MANIFOLD" --run-name "$loss" --loss "$loss" --mixup-layer random \
+        --nc-layers all > /dev/null
+done
 
 # ------------------------------------------------------------------ 2. the default-run table
 echo "== README, The default run (wall times from this machine, at its current load)"
-python - "$SWEEP/cross_entropy_s0" "$RUNS/no_mixup" "$WALL_MIXUP" "$WALL_NO_MIXUP" <<'PYTHON'
+python - "$RUNS/default" "$RUNS/no_mixup" "$WALL_MIXUP" "$WALL_NO_MIXUP" <<'PYTHON'
 import sys
 from plotting.loading import load_run
 with_mixup, without = load_run(sys.argv[1]), load_run(sys.argv[2])
@@ -128,6 +146,107 @@ python utils.py summary "$SWEEP"
 echo "== README, representations (seed 0 at epoch 100: mixup geometry, NC1, and mean |cos + 1/(C-1)| of H and W)"
 python utils.py summary "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" \
     --metric same_class_alignment,diff_class_nonlinearity,nc1,nc2_maxangle_h,nc2_maxangle_w
+
+# ------------------------------------------------------------------ 7. the UFM figure and residual table
+echo "== figures: the mixup geometry against the UFM optimum"
+# the residual table's epochs (the first and last feature epoch); eight panels of dense points
+# stay under 150 KB at 85 dpi
+DPI=85 figure representations_theory.png representations "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" \
+    "$ETF/cross_entropy" "$ETF/mse" --theory --epochs 1,100
+echo "== README, Mixup geometry against the UFM optimum (residual table: first and last feature epoch)"
+# seed 1 of the learned classifier (another triple, too) shows how much the numbers move between seeds
+python - "$SWEEP/cross_entropy_s0" "$SWEEP/cross_entropy_s1" "$ETF/cross_entropy" \
+    "$SWEEP/mse_s0" "$SWEEP/mse_s1" "$ETF/mse" <<'PYTHON'
+import math, sys
+from plotting.loading import load_run
+def cell(value, digits=2):
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def whole_space(fit):
+    # s H* lies in the row space of W, so |H - mu - s H*|^2 / |H - mu|^2 = outside + (1 - outside) residual^2
+    return math.sqrt(fit["outside_share"] + (1 - fit["outside_share"]) * fit["residual"] ** 2)
+def gamma(fit):
+    if fit["nan_reason"]:
+        return f"no fit: {fit['nan_reason']}"
+    if not fit["identifiable"]:
+        return "not identifiable"
+    return f"{fit['gamma']:.3g}" + (" (end of range)" if fit["gamma_at_bound"] else "")
+print("| loss | classifier | seed | epoch | residual | same-class | different-class | outside share | whole-space residual "
+      "| gamma |")
+print("|" + " --- |" * 10)
+for folder in sys.argv[1:]:
+    run = load_run(folder)
+    fits = [(r["epoch"], r["mixup_geometry"]["ufm"]) for r in run.records if r.get("mixup_geometry")]
+    classifier = "fixed ETF" if run.config["etf_classifier"] else "learned"
+    for epoch, fit in (fits[0], fits[-1]):
+        print(f"| {run.config['loss']} | {classifier} | {run.seed} | {epoch} | {cell(fit['residual'])} | "
+              f"{cell(fit['residual_same_class'])} | {cell(fit['residual_diff_class'])} | "
+              f"{cell(fit['outside_share'])} | {cell(whole_space(fit))} | {gamma(fit)} |")
+PYTHON
+
+# ------------------------------------------------------------------ 8. the layers figure and per-layer table
+echo "== figures: below the last layer"
+figure layers.png layers "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" "$MANIFOLD/cross_entropy" "$MANIFOLD/mse"
+figure representations_layer.png representations "$SWEEP/cross_entropy_s0" "$MANIFOLD/cross_entropy" \
+    --layer hidden1 --epochs 1,7,100
+echo "== README, Below the last layer (last epoch: NC1, nearest-class-mean accuracy and non-linearity per stage)"
+python - "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" "$MANIFOLD/cross_entropy" "$MANIFOLD/mse" <<'PYTHON'
+import sys
+import numpy as np
+from plotting.loading import load_features, load_run
+runs = [load_run(folder) for folder in sys.argv[1:]]
+stages = runs[0].config["nc_layers"]
+def columns(what):
+    return [f"{what} {stage}" for stage in stages]
+print("| loss | mixup | epoch | " + " | ".join(columns("NC1") + columns("NCC acc.") + columns("non-lin.")) + " |")
+print("|" + " --- |" * (3 + 3 * len(stages)))
+for run in runs:
+    record = run.records[-1]
+    layers, geometry = record["nc_layers"], record["mixup_geometry"]["layers"]
+    cells = [f"{layers[s]['nc1']:.3g}" for s in stages] + [f"{100 * layers[s]['ncc_accuracy']:.1f} %" for s in stages]
+    cells += [f"{geometry[s]['diff_class_nonlinearity']:.2f}" for s in stages]
+    mixup = "input" if run.config["mixup_layer"] == "input" else f"manifold ({', '.join(run.config['mixup_layers'])})"
+    print(f"| {run.config['loss']} | {mixup} | {record['epoch']} | " + " | ".join(cells) + " |")
+# The non-linearity compares a point with the straight line between the class means, so a clean
+# image (lambda 0 or 1, nothing mixed) scores its own distance from its class mean: that share
+# is within-class spread, not bending. Its mean over the different-class pairs' clean ends:
+print()
+print("| loss | mixup | " + " | ".join(f"non-lin. of the clean ends, {s}" for s in stages) + " |")
+print("|" + " --- |" * (2 + len(stages)))
+for run in runs:
+    payload = load_features(run.folder, run.records[-1]["epoch"])
+    mixup = payload["mixup"]
+    ends = (mixup["y_a"] != mixup["y_b"]) & ((mixup["lam"] == 0) | (mixup["lam"] == 1))
+    a, b, lam = mixup["y_a"][ends], mixup["y_b"][ends], mixup["lam"][ends, None]
+    cells = []
+    for stage in stages:
+        H, means = payload["layers"][stage]["H"][ends].astype(float), payload["layers"][stage]["class_means"]
+        straight = lam * means[a] + (1 - lam) * means[b]
+        cells.append(f"{np.mean(np.linalg.norm(H - straight, axis=1) / np.linalg.norm(means[a] - means[b], axis=1)):.2f}")
+    mixup_name = "input" if run.config["mixup_layer"] == "input" else "manifold"
+    print(f"| {run.config['loss']} | {mixup_name} | " + " | ".join(cells) + " |")
+PYTHON
+
+# ------------------------------------------------------------------ 9. the cost of --nc-layers all
+echo "== README, the default run with and without --nc-layers all (wall times from this machine, at its current load)"
+python - "$RUNS/default" "$SWEEP/cross_entropy_s0" "$WALL_MIXUP" "$WALL_NC_LAYERS" <<'PYTHON'
+import statistics, sys
+from plotting.loading import load_run
+plain, layered = load_run(sys.argv[1]), load_run(sys.argv[2])
+def training(run):
+    return [(r["epoch"], r["train_loss"], r["train_acc"], r["test_acc"], r.get("mixup_loss")) for r in run.records]
+same = training(plain) == training(layered)
+print(f"training records identical with and without --nc-layers all: {'yes' if same else 'NO'}")
+print("| | `python main.py` | `python main.py --nc-layers all` |")
+print("| --- | --- | --- |")
+print(f"| wall time, start to finish | {sys.argv[3]} s | {sys.argv[4]} s |")
+def median_nc(run):
+    return statistics.median(r["nc_time_s"] for r in run.records if r.get("nc_time_s") is not None)
+print(f"| clean evaluation and NC pass per epoch (median) | {1000 * median_nc(plain):.0f} ms | "
+      f"{1000 * median_nc(layered):.0f} ms |")
+def ufm_time(run):
+    return sum(r["mixup_geometry"]["ufm"]["time_s"] for r in run.records if r.get("mixup_geometry"))
+print(f"| UFM fits, all feature epochs together | {ufm_time(plain):.1f} s | {ufm_time(layered):.1f} s |")
+PYTHON
 
 # ------------------------------------------------------------------ add new sections above this line
 

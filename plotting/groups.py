@@ -21,12 +21,13 @@ from .loading import Run, RunError
 
 SEED_KEY = "seed"
 COMPLETE = "complete"
-# Flags that record where and how a run was kept, not what was trained: they
-# never separate groups (feature_classes is drawn from the seed by default).
+# Flags that record where and how a run was kept or measured, not what was trained: they
+# never separate groups (feature_classes is drawn from the seed by default; nc_layers adds
+# measurements below the classifier and leaves training as it is).
 BOOKKEEPING_KEYS = frozenset({
     "seed", "run_name", "out_dir", "data_dir", "download", "progress", "overwrite", "resume", "checkpoint_every",
-    "device", "eval_batch_size", "nc_every", "feature_epochs", "feature_samples_per_class", "feature_classes",
-    "feature_lambdas", "feature_pairs", "feature_mode",
+    "device", "eval_batch_size", "nc_every", "nc_layers", "feature_epochs", "feature_samples_per_class",
+    "feature_classes", "feature_lambdas", "feature_pairs", "feature_mode",
 })
 # Keys the run derives or measures about its environment; used only when a config lacks "flags".
 DERIVED_KEYS = frozenset({

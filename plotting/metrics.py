@@ -2,8 +2,10 @@
 
 A metric name is what a user types after --metric: a record field
 (`test_acc`), a derived one (`train_err`), an NC metric of a split
-(`train.nc1`, or bare `nc1` for the split chosen by --split) or a mixup
-geometry number (`same_class_alignment`).
+(`train.nc1`, or bare `nc1` for the split chosen by --split), a mixup
+geometry number (`same_class_alignment`), a number of the UFM fit to the
+mixup points (`ufm_residual`), or a per-layer number of a run measured with
+--nc-layers (`layer.hidden1.nc1`, `layer.hidden1.ncc_err`).
 """
 from __future__ import annotations
 
@@ -47,6 +49,26 @@ GEOMETRY_METRICS = {
                                 r"$\|h - (\lambda\mu_a + (1-\lambda)\mu_b)\| / \|\mu_a - \mu_b\|$"),
 }
 
+# The UFM fit of the triple's mixup points (mixup_geometry["ufm"], see ufm.fit), feature epochs only:
+# name -> (key in the fit, title, y label, log scale).
+UFM_METRICS = {
+    "ufm_residual": ("residual", "UFM fit: relative residual, all mixup points",
+                     r"$\|P(H-\mu) - sH^*\|_F\,/\,\|P(H-\mu)\|_F$", False),
+    "ufm_residual_same_class": ("residual_same_class", "UFM fit: relative residual, same-class points",
+                                "relative residual", False),
+    "ufm_residual_diff_class": ("residual_diff_class", "UFM fit: relative residual, different-class points",
+                                "relative residual", False),
+    "ufm_outside_share": ("outside_share", "share of the mixup features outside the row space of W",
+                          r"$\|(I-P)(H-\mu)\|^2 / \|H-\mu\|^2$", False),
+    "ufm_gamma": ("gamma", "UFM fit: feature penalty gamma (identifiable fits only)", r"$\gamma$", True),
+}
+# Per-layer numbers, `layer.<stage>.<key>`: the keys of nc_layers (collapse_metrics.LAYER_METRIC_KEYS),
+# the nearest-class-mean accuracy or error there, and the mixup non-linearity at that stage.
+LAYER_PREFIX = "layer."
+LAYER_NC_KEYS = ("nc1", "nc1_cdnv", "tr_sigma_w", "tr_sigma_b", "nc2_equinorm_h", "nc2_equiangle_h",
+                 "nc2_maxangle_h", "nc2_etf_h")
+LAYER_OTHER_KEYS = ("ncc_accuracy", "ncc_err", "diff_class_nonlinearity")
+
 
 @dataclass(frozen=True)
 class Metric:
@@ -58,6 +80,7 @@ class Metric:
     scale: float = 1.0
     # Where an exact zero is drawn on a log axis, from (record, config); None drops zeros.
     zero_floor: Optional[Callable[[dict, dict], Optional[float]]] = None
+    stage: Optional[str] = None  # the model stage of a per-layer metric
 
 
 def _field(key: str) -> Callable[[dict], Optional[float]]:
@@ -80,6 +103,32 @@ def _nc(split: str, key: str) -> Callable[[dict], Optional[float]]:
 
 def _geometry(key: str) -> Callable[[dict], Optional[float]]:
     return lambda record: (record.get("mixup_geometry") or {}).get(key)
+
+
+def _ufm(key: str) -> Callable[[dict], Optional[float]]:
+    return lambda record: ((record.get("mixup_geometry") or {}).get("ufm") or {}).get(key)
+
+
+def _layer_nc(stage: str, key: str) -> Callable[[dict], Optional[float]]:
+    return lambda record: ((record.get("nc_layers") or {}).get(stage) or {}).get(key)
+
+
+def _layer_ncc_error(stage: str) -> Callable[[dict], Optional[float]]:
+    def read(record: dict) -> Optional[float]:
+        accuracy = _layer_nc(stage, "ncc_accuracy")(record)
+        return None if accuracy is None else 1.0 - accuracy
+    return read
+
+
+def _layer_geometry(stage: str, key: str) -> Callable[[dict], Optional[float]]:
+    return lambda record: (((record.get("mixup_geometry") or {}).get("layers") or {}).get(stage) or {}).get(key)
+
+
+def _floor_from_ncc_samples(stage: str):
+    def floor(record: dict, config: dict) -> Optional[float]:
+        count = _layer_nc(stage, "ncc_samples")(record)
+        return ZERO_FLOOR_SAMPLES / count if count else None
+    return floor
 
 
 def _floor_from_config(count_key: str):
@@ -120,7 +169,38 @@ def _build_registry() -> Dict[str, Metric]:
             metrics.append(Metric(f"{split}.{key}", f"{title} ({split})", label, log, _nc(split, key), 1.0, floor))
     for key, (title, label) in GEOMETRY_METRICS.items():
         metrics.append(Metric(key, title, label, False, _geometry(key)))
+    for name, (key, title, label, log) in UFM_METRICS.items():
+        metrics.append(Metric(name, title, label, log, _ufm(key)))
     return {metric.name: metric for metric in metrics}
+
+
+def layer_metric(name: str) -> Metric:
+    """The metric `layer.<stage>.<key>`; whether a run measured that stage is checked against the runs."""
+    stage, _, key = name[len(LAYER_PREFIX):].rpartition(".")
+    if not stage or key not in LAYER_NC_KEYS + LAYER_OTHER_KEYS:
+        raise RunError(f"unknown per-layer metric {name!r}; write layer.STAGE.KEY with KEY one of "
+                       f"{', '.join(LAYER_NC_KEYS + LAYER_OTHER_KEYS)}")
+    where = f" at {stage}"
+    if key in LAYER_NC_KEYS:
+        title, label, log = NC_METRICS[key]
+        return Metric(name, f"{title}{where} (train)", label, log, _layer_nc(stage, key), stage=stage)
+    if key == "ncc_accuracy":
+        return Metric(name, f"nearest-class-mean accuracy{where}", "accuracy (%)", False,
+                      _layer_nc(stage, key), PERCENT, stage=stage)
+    if key == "ncc_err":
+        return Metric(name, f"nearest-class-mean error{where}", "error (%)", True, _layer_ncc_error(stage),
+                      PERCENT, _floor_from_ncc_samples(stage), stage=stage)
+    title, label = GEOMETRY_METRICS[key]
+    return Metric(name, f"{title}{where}", label, False, _layer_geometry(stage, key), stage=stage)
+
+
+def check_layer_stages(metrics: Sequence[Metric], runs: Sequence[Run]) -> None:
+    """Refuse a per-layer metric whose stage no run measured (a typo would draw an empty panel)."""
+    measured = {stage for run in runs for stage in (run.config.get("nc_layers") or [])}
+    for metric in metrics:
+        if metric.stage is not None and metric.stage not in measured:
+            stages = ", ".join(sorted(measured)) or "none (train with --nc-layers all)"
+            raise RunError(f"{metric.name}: no run measured stage {metric.stage!r} (measured stages: {stages})")
 
 
 METRICS = _build_registry()
@@ -130,10 +210,12 @@ def resolve_metric(name: str, split: str = "train") -> Metric:
     """The metric called `name`; a bare NC key takes the split given by --split."""
     if name in NC_METRICS:
         name = f"{split}.{name}"
+    if name.startswith(LAYER_PREFIX):
+        return layer_metric(name)
     if name not in METRICS:
         bare = sorted(n for n in METRICS if "." not in n) + sorted(NC_METRICS)
         raise RunError(f"unknown metric {name!r}; choose from {', '.join(bare)} "
-                       f"(NC keys may be prefixed train. or test.)")
+                       f"(NC keys may be prefixed train. or test.; per-layer ones are layer.STAGE.KEY)")
     return METRICS[name]
 
 
@@ -146,7 +228,9 @@ def errors_for_accuracies(metrics: Sequence[Metric]) -> Tuple[List[Metric], List
     replaced, notes = [], []
     for metric in metrics:
         error = ERROR_OF_ACCURACY.get(metric.name)
-        replaced.append(METRICS[error] if error else metric)
+        if metric.stage is not None and metric.name.endswith(".ncc_accuracy"):
+            error = metric.name[:-len("ncc_accuracy")] + "ncc_err"
+        replaced.append(resolve_metric(error) if error else metric)
         if error:
             notes.append(f"{metric.name} is drawn as {error} (100 - accuracy, log axis)")
     return replaced, notes

@@ -22,7 +22,8 @@ from plotting.figures import compare_figure, curves_figure
 from plotting.groups import GROUP_PALETTE, group_runs
 from plotting.loading import RestrictedUnpickler, Run, RunError, load_run, load_runs
 from plotting.metrics import aggregate, resolve_metric, series
-from plotting.representations import parse_epochs, triangle_projection, triangle_vertices
+from plotting.representations import parse_epochs
+from plotting.triangle import triangle_projection, triangle_vertices
 
 LOSSES = ("cross_entropy", "mse")
 SEEDS = (0, 1)
