@@ -820,6 +820,27 @@ def test_class_moments_of_many_classes_in_few_dimensions():
     assert_agrees(moments_of(H, y, 100, batch=128).metrics(), design_layer_metrics(H, y))
 
 
+def test_class_moments_drop_a_between_class_direction_below_the_cut_off():
+    # Ten class means spread in three directions, and a fourth at 1e-14 of the largest eigenvalue of
+    # G: between the cut-off (P 64 eps = 1.4e-13 of it) and one P^2 times lower. The pseudo-inverse
+    # (rcond 1e-10) treats it as zero; keeping it would divide the within-class spread along it by 1e-14.
+    rng = np.random.default_rng(5)
+    C, d, per_class = 10, 5, 30
+    means = np.zeros((C, d))
+    means[:, :3] = 2.0 * rng.normal(size=(C, 3))
+    means[:, 3] = rng.normal(size=C)
+    centred = means - means.mean(axis=0)
+    eigvals = np.linalg.eigvalsh(centred @ centred.T)
+    means[:, 3] *= np.sqrt(1e-14 * eigvals.max() / (centred[:, 3] @ centred[:, 3]))
+    y = np.repeat(np.arange(C), per_class)
+    noise = 0.5 * rng.normal(size=(C, per_class, d))
+    noise -= noise.mean(axis=1, keepdims=True)  # the sample means are the planted means, to rounding
+    H = means[y] + noise.reshape(C * per_class, d)
+    got = moments_of(H, y, C).metrics()
+    assert got["nc1"] < 1e3  # 7e11 with the fourth direction kept
+    assert_agrees(got, design_layer_metrics(H, y))
+
+
 def test_class_moments_count_non_finite_rows_over_every_batch():
     H, y, _, _ = clustered(41, n=90)
     H = H.copy()
