@@ -540,18 +540,27 @@ def test_a_rank_one_classifier(loss_name):
 # ---------------------------------------------------------------- the Newton solver's safeguards
 
 def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of_ten():
-    """A row that is not positive definite gets shift * 10^k added, k = 0, 1, 2, ... the first that
-    makes it so; a positive definite row is factored as it is."""
-    shift = torch.eye(2, dtype=torch.float64)
-    first_pivot = torch.tensor([[[2.0, 1.0], [1.0, 3.0]], [[-0.5, 0.0], [0.0, 3.0]]], dtype=torch.float64)
-    torch.testing.assert_close(ufm._factor(first_pivot, shift),
-                               torch.linalg.cholesky(first_pivot + torch.tensor([0.0, 1.0])[:, None, None] * shift),
-                               rtol=1e-15, atol=0)
-    second_pivot = torch.tensor([[[3.0, 0.0], [0.0, -50.0]]], dtype=torch.float64)  # 1 and 10 are not enough
-    torch.testing.assert_close(ufm._factor(second_pivot, shift), torch.linalg.cholesky(second_pivot + 100.0 * shift),
-                               rtol=1e-15, atol=0)
-    with pytest.raises(RuntimeError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
-        ufm._factor(-1e40 * shift[None], shift)
+    """A row that is not positive definite gets its own penalty P = gamma K^+ + Q (K = W W^T, Q the
+    projection onto the complement of W's column space: the identity times gamma in h) times 10^k
+    added, k = 0, 1, 2, ... the first that makes it so; a positive definite row is factored as it is.
+    P by numpy from W, per row's gamma."""
+    W = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # C = 3 > rank 2: Q != 0
+    problem = ufm._problem(W, None, torch.eye(3, dtype=torch.float64), "cross_entropy", {})
+    gamma = torch.tensor([0.7, 0.2, 5.0], dtype=torch.float64)
+    Wn = W.numpy()
+    penalty = [torch.from_numpy(g * np.linalg.pinv(Wn @ Wn.T) + np.eye(3) - Wn @ np.linalg.pinv(Wn))
+               for g in gamma.tolist()]
+    definite = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    small = 0.1 * torch.eye(3, dtype=torch.float64)
+    # row 1: 1 and 10 times its penalty are not enough, 100 is; row 2: once is enough
+    matrix = torch.stack([definite, small - 50.0 * penalty[1], small - 0.5 * penalty[2]])
+    expected = torch.stack([torch.linalg.cholesky(definite), torch.linalg.cholesky(small + 50.0 * penalty[1]),
+                            torch.linalg.cholesky(small + 0.5 * penalty[2])])
+    for row, shift in ((1, 10.0), (2, 0.0)):  # the case this test is about
+        assert torch.linalg.cholesky_ex(matrix[row] + shift * penalty[row]).info > 0
+    torch.testing.assert_close(ufm._factor(matrix, problem, gamma), expected, rtol=1e-12, atol=0)
+    with pytest.raises(ufm.SolverError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
+        ufm._factor(-1e40 * penalty[0][None], problem, gamma[:1])
 
 
 def focal_with_three_stationary_points():
@@ -560,7 +569,7 @@ def focal_with_three_stationary_points():
     W = [[1], [0]], b = (-60, 0), target e_0: the margin is m = h - 60 and the objective
     L(m) + gamma h^2 / 2, L(m) = -(1 - p)^5 log p, p = sigmoid(m). L' dips below -1 near m = -3
     (focal's negative curvature), so f'(m) = L'(m) + gamma (m + 60) has three roots for gamma = 0.02.
-    Returns the problem, gamma and the roots in m, by brentq on f' written out here.
+    Returns the problem, gamma, the roots in m (by brentq on f' written out here) and f'.
     """
     W = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
     b = torch.tensor([-60.0, 0.0], dtype=torch.float64)
@@ -573,42 +582,62 @@ def focal_with_three_stationary_points():
 
     brackets = [(-12.0, -7.0), (-7.0, -4.0), (-3.0, -1.0)]
     roots = [brentq(slope, low, high, xtol=1e-15) for low, high in brackets]
-    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots
+    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots, slope
+
+
+def newton_from(problem, gamma, margin):
+    """ufm._newton on the one target from h = margin + 60 (coordinates x = h V^T, V = +-1): the margin it ends at."""
+    start = (problem.V.T * (margin + 60.0)).reshape(1, -1)
+    x, _ = ufm._newton(problem, torch.tensor([gamma], dtype=torch.float64), problem.targets, problem.smoothed, start)
+    return float((x @ problem.V)[0, 0]) - 60.0
 
 
 def test_newton_from_a_point_of_negative_curvature_descends_to_the_minimum_beside_it():
-    """Started between the local maximum and the right minimum, where the Newton matrix is not
-    positive definite: shifted steps that only descend end at the right minimum, not the left one."""
-    problem, gamma, (_, maximum, right) = focal_with_three_stationary_points()
-    start = (problem.V.T * (maximum + 1.0 + 60.0)).reshape(1, -1)  # coordinates of h = m + 60, m one past the maximum
-    x = ufm._newton(problem, gamma, start)
-    assert float((x @ problem.V)[0, 0]) - 60.0 == pytest.approx(right, abs=1e-9)
+    """Started where the objective's curvature (so the Newton matrix) is negative, on either side of
+    the local maximum: shifted steps that only descend end at the minimum on the start's side, at a
+    lower objective (written out here). From m = -3, just outside that region, a full step overshoots
+    past the maximum into the other basin, to a higher objective: backtracking keeps it on its side."""
+    problem, gamma, (left, maximum, right), slope = focal_with_three_stationary_points()
+
+    def objective(m):
+        p = 1.0 / (1.0 + math.exp(-m))
+        return -(1 - p) ** 5 * math.log(p) + 0.5 * gamma * (m + 60.0) ** 2
+
+    for start in (-6.5, -6.0, -5.0, -4.0, -3.25, -3.0):
+        if start != -3.0:
+            assert slope(start + 1e-6) - slope(start - 1e-6) < 0  # f'' < 0: the case this test is about
+        end = newton_from(problem, gamma, start)
+        assert end == pytest.approx(left if start < maximum else right, abs=1e-9), start
+        assert objective(end) < objective(start), start
 
 
 def test_newton_stopped_at_a_saddle_of_the_focal_objective_raises():
     """Docstring: a stationary point whose Newton matrix is not positive definite raises, never
     passes for a minimum. Started exactly at the local maximum, the gradient already vanishes."""
-    problem, gamma, (_, maximum, _) = focal_with_three_stationary_points()
-    start = (problem.V.T * (maximum + 60.0)).reshape(1, -1)
-    with pytest.raises(RuntimeError, match="^ufm: the Newton iteration stopped at a saddle point of the objective$"):
-        ufm._newton(problem, gamma, start)
+    problem, gamma, (_, maximum, _), _ = focal_with_three_stationary_points()
+    with pytest.raises(ufm.SolverError, match="^ufm: the Newton iteration stopped at a saddle point of the objective$"):
+        newton_from(problem, gamma, maximum)
 
 
-@pytest.mark.parametrize("limit, value, loss_name, message", [
-    ("MAX_ITERATIONS", 1, "cross_entropy",
-     r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3, 15 targets left\)"),
-    ("MAX_ACTIVE_SET_STEPS", 1, "mae",
-     r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3, \d+ targets left\)"),
-    ("MAX_BACKTRACKS", 0, "cross_entropy",
+@pytest.mark.parametrize("limits, solver, loss_name, message", [
+    ({"MAX_ITERATIONS": 1}, ufm.optimal_features, "cross_entropy",
+     r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3 to 0\.3, 15 targets left\)"),
+    # mae: the primal-dual steps hand the rows they do not certify on (MAX_PIECE_STEPS); the
+    # one-change-per-step method that takes them over raises when out of steps
+    ({"MAX_PIECE_STEPS": 0, "MAX_ACTIVE_SET_STEPS": 1}, ufm.optimal_features, "mae",
+     r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3 to 0\.3, \d+ targets left\)"),
+    # from h = 0 (the cold starts' best candidates pass Armijo's test at once here)
+    ({"MAX_BACKTRACKS": 0}, ufm.newton_features, "cross_entropy",
      r"ufm: the line search found no decrease \(the Newton direction is not a descent direction\)"),
 ])
-def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limit, value, loss_name,
+def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limits, solver, loss_name,
                                                                            message):
     W, b = random_classifier(5, 7, seed=43)
     T = mixup_targets(5)  # 15 distinct targets
-    monkeypatch.setattr(ufm, limit, value)
-    with pytest.raises(RuntimeError, match="^" + message + "$"):
-        ufm.optimal_features(W, 3 * b, T, loss_name, 0.3)
+    for name, value in limits.items():
+        monkeypatch.setattr(ufm, name, value)
+    with pytest.raises(ufm.SolverError, match="^" + message + "$"):
+        solver(W, 3 * b, T, loss_name, 0.3)
 
 
 def test_focal_with_a_softmax_saturated_at_the_start():
