@@ -287,6 +287,18 @@ def test_fit_recovers_a_planted_scale_and_gamma(loss_name, options, relative_gam
     assert all(isinstance(v, (float, bool, type(None), list, str)) for v in metrics.values())
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e7])
+def test_fit_recovers_gamma_from_features_of_any_size(scale):
+    """The refinement's flatness test is relative to |P(H - mu)|^2: features of size 1e-7 (|P(H-mu)|^2
+    ~ 1e-13) or 1e7 are refined as those of size 1."""
+    W, b = random_classifier(4, 10, seed=13, bias=0.2)
+    T = mixup_targets(4, lambdas=np.linspace(0, 1, 6))
+    gamma = 0.02 * spectral_sq(W)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, scale, 0.5, seed=14)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    assert metrics["gamma"] == pytest.approx(gamma, rel=0.02) and metrics["scale"] == pytest.approx(scale, rel=0.02)
+
+
 def test_fit_residuals_are_those_of_the_returned_fit():
     """Residuals by group, recomputed with a numpy projection; H_fit is s H*(gamma) of the public solver."""
     W, b = random_classifier(4, 10, seed=15, bias=0.2)
@@ -346,14 +358,25 @@ def test_fit_flags_a_gamma_at_the_end_of_the_search_range():
     assert metrics["gamma_range"] == pytest.approx([0.1 * spectral_sq(W), 1e3 * spectral_sq(W)])
 
 
-def test_fit_reports_non_finite_input_as_nan_with_a_reason():
+@pytest.mark.parametrize("name", ["H", "mu", "W", "b", "T"])
+def test_fit_reports_non_finite_input_as_nan_with_a_reason(name):
     W, b = random_classifier(4, 10, seed=23)
-    T = mixup_targets(4)
-    H = torch.zeros(T.shape[0], 10, dtype=torch.float64)
-    H[3, 2] = math.nan
-    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", torch.zeros(10))
-    assert metrics["gamma"] is None and math.isnan(metrics["residual"]) and "H" in metrics["nan_reason"]
+    inputs = {"H": torch.zeros(24, 10, dtype=torch.float64), "mu": torch.zeros(10, dtype=torch.float64),
+              "W": W, "b": b, "T": mixup_targets(4, repeats=1)[:24]}
+    inputs[name] = inputs[name].clone()
+    inputs[name].view(-1)[3] = math.inf if name == "T" else math.nan
+    metrics, H_fit = ufm.fit(inputs["H"], inputs["T"], inputs["W"], inputs["b"], "cross_entropy", inputs["mu"])
+    assert metrics["gamma"] is None and math.isnan(metrics["residual"])
+    assert metrics["nan_reason"] == f"{name} is not finite"
     assert torch.isnan(H_fit).all()
+
+
+def test_a_fit_with_numbers_has_no_nan_reason():
+    W, b = random_classifier(4, 10, seed=24)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    assert set(metrics) == set(ufm.unfitted_metrics("")) and metrics["nan_reason"] is None
 
 
 def test_fit_works_under_inference_mode_and_with_float32_numpy_input():
@@ -405,6 +428,8 @@ NAN_W = torch.tensor([[math.nan] * 7] + [[1.0] * 7] * 3, dtype=torch.float64)
      "same_class must be (36,), got (1,)"),
     (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(1, 1)),
      "gamma_range must be 0 < low < high < inf, got (1, 1)"),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(0, 1)),
+     "gamma_range must be 0 < low < high < inf, got (0, 1)"),
 ])
 def test_bad_input_is_a_clear_value_error(call, message):
     W, _ = random_classifier(4, 7, seed=27)
@@ -779,6 +804,21 @@ def test_fit_without_numbers_returns_every_key_as_nan_or_none(case):
         assert math.isnan(metrics[key]), key
     np.testing.assert_allclose(metrics["gamma_range"], gamma_range, rtol=1e-12)
     assert torch.isnan(H_fit).all()
+
+
+def test_unfitted_metrics_are_those_of_a_fit_without_numbers_with_the_reason():
+    """What the run records after a SolverError: the keys of `fit`, every number NaN, the reason."""
+    metrics = ufm.unfitted_metrics("ufm: solver failed")
+    W, b = random_classifier(4, 10, seed=23)
+    T = mixup_targets(4)
+    H = torch.full((len(T), 10), math.nan, dtype=torch.float64)
+    reference, _ = ufm.fit(H, T, W, b, "cross_entropy", torch.zeros(10, dtype=torch.float64))
+    assert set(metrics) == set(reference) and metrics["nan_reason"] == "ufm: solver failed"
+    assert metrics["gamma"] is None and metrics["scale"] is None
+    assert metrics["identifiable"] is False and metrics["gamma_at_bound"] is False
+    for key in set(metrics) - {"gamma", "scale", "identifiable", "gamma_at_bound", "nan_reason", "gamma_range"}:
+        assert math.isnan(metrics[key]), key
+    assert len(metrics["gamma_range"]) == 2 and all(math.isnan(v) for v in metrics["gamma_range"])
 
 
 @pytest.mark.parametrize("offset, at_bound", [(1.5, True), (2.5, False)])
