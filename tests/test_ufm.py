@@ -584,6 +584,9 @@ def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of
     for row, shift in ((1, 10.0), (2, 0.0)):  # the case this test is about
         assert torch.linalg.cholesky_ex(matrix[row] + shift * penalty[row]).info > 0
     torch.testing.assert_close(ufm._factor(matrix, problem, gamma), expected, rtol=1e-12, atol=0)
+    # the last shift tried is 1e30 times the penalty
+    torch.testing.assert_close(ufm._factor(-5e29 * penalty[0][None], problem, gamma[:1]),
+                               torch.linalg.cholesky(5e29 * penalty[0][None]), rtol=1e-12, atol=0)
     with pytest.raises(ufm.SolverError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
         ufm._factor(-1e40 * penalty[0][None], problem, gamma[:1])
 
@@ -634,6 +637,27 @@ def test_newton_from_a_point_of_negative_curvature_descends_to_the_minimum_besid
         end = newton_from(problem, gamma, start)
         assert end == pytest.approx(left if start < maximum else right, abs=1e-9), start
         assert objective(end) < objective(start), start
+
+
+def test_newton_reusing_factors_shifts_a_refreshed_row_of_negative_curvature(monkeypatch):
+    """Where factors are reused (REUSE_MIN_CLASSES, lowered here), a row beside settled ones gets a new
+    factor of its own: where its Newton matrix is not positive definite, it is shifted as in a full
+    refresh. Row 0 starts 5e-4 from the right minimum (settled after a step), row 1 at m = -0.25,
+    whose second step starts at negative curvature; both end at the right minimum."""
+    problem, gamma, (_, _, right), _ = focal_with_three_stationary_points()
+    monkeypatch.setattr(ufm, "REUSE_MIN_CLASSES", 2)
+    shifted_alone = []
+    factor = ufm._factor
+
+    def recording(matrix, *args):
+        shifted_alone.append(len(matrix) == 1 and bool((torch.linalg.cholesky_ex(matrix).info > 0).any()))
+        return factor(matrix, *args)
+    monkeypatch.setattr(ufm, "_factor", recording)
+    starts = torch.tensor([[right + 5e-4 + 60.0], [-0.25 + 60.0]], dtype=torch.float64) * problem.V.T[0]
+    x, _ = ufm._newton(problem, torch.full((2,), gamma, dtype=torch.float64), problem.targets.repeat(2, 1),
+                       problem.smoothed.repeat(2, 1), starts)
+    assert any(shifted_alone)  # the case this test is about
+    np.testing.assert_allclose((x @ problem.V).flatten() - 60.0, [right, right], rtol=0, atol=1e-9)
 
 
 def test_newton_stopped_at_a_saddle_of_the_focal_objective_raises():
