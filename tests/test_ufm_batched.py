@@ -212,6 +212,7 @@ def test_cubic_step_lands_on_the_minimum_of_a_cubic():
     (lambda t: 1 - 0.1 * t - t ** 3, lambda t: -0.1 - 3 * t ** 2, 0.5),
     # -t + 0.45 t^2: the minimum 10/9 lies beyond the end: halfway
     (lambda t: -t + 0.45 * t ** 2, lambda t: -1 + 0.9 * t, 0.5),
+    (lambda t: -t + 0.1 * t ** 2, lambda t: -1 + 0.2 * t, 0.5),  # 5, and the parabola's too: halfway
 ])
 @pytest.mark.parametrize("width", [1.0, -0.5])
 def test_cubic_step_to_the_minimum_inside_or_halfway(f, slope, expected, width):
