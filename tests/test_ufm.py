@@ -456,6 +456,8 @@ def test_no_tensor_is_made_on_the_default_device():
         got = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
         curve = ufm.theory_curve(W, None, (0, 1), LAMBDAS, "cross_entropy", gamma, 2.0)
         metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+        newton = ufm.newton_features(W, None, T, "cross_entropy", gamma)  # its start h = 0 on W's device
+    torch.testing.assert_close(newton, expected["cross_entropy"], rtol=0, atol=1e-10 * float(newton.abs().max()))
     for loss in ALL_LOSSES:
         assert got[loss].device == W.device
         torch.testing.assert_close(got[loss], expected[loss], rtol=0, atol=0)
@@ -505,7 +507,7 @@ def test_gpu_classifier_with_the_rest_on_the_cpu():
             assert metrics[key] == pytest.approx(expected[key], rel=1e-3), key
         torch.testing.assert_close(H_fit.cpu(), expected_fit, rtol=1e-2, atol=1e-6)
     curve = ufm.theory_curve(W.cuda(), b, (0, 1), LAMBDAS, "mse", 0.3, 2.0)
-    assert curve.is_cuda
+    assert curve.is_cuda and ufm.newton_features(W.cuda(), b, T, "cross_entropy", 0.3).is_cuda
 
 
 # ---------------------------------------------------------------- the row space of W
