@@ -223,6 +223,77 @@ def test_cubic_step_to_the_minimum_inside_or_halfway(f, slope, expected, width):
     assert ufm._cubic_step(point(0.0), point(1.0), width) == pytest.approx(expected * width, rel=1e-12)
 
 
+class CurveSolutions(ufm._Solutions):
+    """ufm's _Solutions over a residual curve given as a function of log gamma (value, slope): the
+    refinement's logic alone, against minima known in closed form."""
+
+    def __init__(self, curve, inside=1.0):
+        self.curve, self.data, self.points = curve, type("Data", (), {"inside": inside})(), {}
+
+    def add(self, values):
+        for value in values:
+            residual, slope = self.curve(value)
+            self.points[float(value)] = ufm._Point(None, None, 1.0, residual, slope)
+
+    def solve_between(self, values, near, far, tangents=True):
+        self.add(values)
+
+
+def refined(curve, grid, inside=1.0):
+    solutions = CurveSolutions(curve, inside)
+    solutions.add(grid)
+    return ufm._refine(solutions, grid)
+
+
+def test_refinement_finds_the_minimum_whatever_the_grid_and_the_size_of_the_residual():
+    """Parabolas with their minimum between the grid points -1 and 1 (symmetric about 0): at 0.9; and
+    at 2/3 scaled to 5e-13 with |P(H-mu)|^2 = 20, so that the first bracket's slope times width,
+    6.7e-13, is above the flatness threshold 64 eps |P(H-mu)|^2 = 2.8e-13 (the first level finds 2/3)."""
+    for minimum, scale, inside in ((0.9, 1.0, 1.0), (2 / 3, 5e-13, 20.0)):
+        best = refined(lambda t: (scale * (t - minimum) ** 2, 2 * scale * (t - minimum)), [-1.0, 1.0], inside)
+        assert best == pytest.approx(minimum, abs=ufm.LOG_GAMMA_XATOL)
+
+
+def test_refinement_breaks_ties_towards_the_largest_gamma():
+    """Docstring: ties go to the largest gamma. A flat residual: the largest grid point. A residual
+    flat on [0, 1.5], (t - 1.5)^2 above and t^2 below, on the grid -1, 2: the first level solves 1.5,
+    1 and 0.5, all at 0, and the largest is kept, where the residual is flat: the answer."""
+    assert refined(lambda t: (1.0, 0.0), [-2.0, 0.0, 2.0]) == 2.0
+
+    def flat_middle(t):
+        return (t - 1.5) ** 2 if t > 1.5 else t ** 2 if t < 0 else 0.0, 2 * (t - 1.5) if t > 1.5 else 2 * t if t < 0 else 0.0
+    assert refined(flat_middle, [-1.0, 2.0]) == 1.5
+
+
+def shape_solutions(x_by_gamma, counts):
+    solutions = CurveSolutions(None)
+    solutions.data.counts = torch.tensor(counts, dtype=torch.float64)
+    solutions.points = {float(k): ufm._Point(torch.tensor(x, dtype=torch.float64), None, 1.0, 0.0, 0.0)
+                        for k, x in enumerate(x_by_gamma)}
+    return solutions, [float(k) for k in range(len(x_by_gamma))]
+
+
+def shape_change(x_by_gamma, counts):
+    """Largest |H*_k / |H*_k| - H*_0 / |H*_0|| over the n rows (each target repeated count times), by numpy."""
+    rows = [np.repeat(np.asarray(x, dtype=float), counts, axis=0) for x in x_by_gamma]
+    shapes = [r / np.linalg.norm(r) for r in rows]
+    return max(np.linalg.norm(s - shapes[0]) for s in shapes[1:])
+
+
+@pytest.mark.parametrize("x_by_gamma, counts, varies", [
+    # rows weigh by their count: a change of 1.5e-6 in the target of count 1 moves the 5 rows' shape by
+    # 0.67e-6, one of 2e-6 in the target of count 4 by 1.8e-6
+    ([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.5e-6], [0.0, 1.0]]], [1, 4], False),
+    ([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [2e-6, 1.0]]], [1, 4], True),
+    # two gammas each 0.85e-6 from the first: neither is above SHAPE_RTOL, their root sum of squares would be
+    ([[[1.0, 0.0], [0.0, 1.0]], [[1.0, 1.2e-6], [0.0, 1.0]], [[1.0, 0.0], [1.2e-6, 1.0]]], [1, 1], False),
+])
+def test_shape_varies_over_the_rows_between_any_grid_gamma_and_the_first(x_by_gamma, counts, varies):
+    solutions, grid = shape_solutions(x_by_gamma, counts)
+    assert bool(shape_change(x_by_gamma, counts) > ufm.SHAPE_RTOL) is varies  # the formula, by numpy
+    assert ufm._shape_varies(solutions, grid) is varies
+
+
 def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
     """mae below its interpolation gamma: every logit on its target, H* = W^+ (kappa t - b) at every such
     gamma; features planted there give a residual flat to rounding, and no refinement solve is needed."""
