@@ -371,6 +371,13 @@ def test_fit_reports_non_finite_input_as_nan_with_a_reason(name):
     assert torch.isnan(H_fit).all()
 
 
+@pytest.mark.parametrize("loss_name", ["mse", "mae"])
+def test_no_targets_give_no_features(loss_name):
+    W, _ = random_classifier(4, 6, seed=23)
+    H = ufm.optimal_features(W, None, torch.zeros(0, 4, dtype=torch.float64), loss_name, 0.3)
+    assert H.shape == (0, 6)
+
+
 def test_a_fit_with_numbers_has_no_nan_reason():
     W, b = random_classifier(4, 10, seed=24)
     T = mixup_targets(4)
