@@ -416,7 +416,7 @@ def test_unique_rows_groups_exactly_even_where_keys_collide():
     for rows in (T, T[2:]):  # with and without the collision
         targets, inverse = ufm._unique_rows(rows)
         assert torch.equal(targets[inverse], rows)
-        assert len(targets) == len(torch.unique(rows, dim=0))
+        assert targets.shape == (len(torch.unique(rows, dim=0)), 4) and inverse.shape == (len(rows),)
 
 
 def test_finite_checks_large_and_small_tensors():
