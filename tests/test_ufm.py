@@ -287,6 +287,18 @@ def test_fit_recovers_a_planted_scale_and_gamma(loss_name, options, relative_gam
     assert all(isinstance(v, (float, bool, type(None), list, str)) for v in metrics.values())
 
 
+@pytest.mark.parametrize("scale", [1e-7, 1e7])
+def test_fit_recovers_gamma_from_features_of_any_size(scale):
+    """The refinement's flatness test is relative to |P(H - mu)|^2: features of size 1e-7 (|P(H-mu)|^2
+    ~ 1e-13) or 1e7 are refined as those of size 1."""
+    W, b = random_classifier(4, 10, seed=13, bias=0.2)
+    T = mixup_targets(4, lambdas=np.linspace(0, 1, 6))
+    gamma = 0.02 * spectral_sq(W)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, scale, 0.5, seed=14)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    assert metrics["gamma"] == pytest.approx(gamma, rel=0.02) and metrics["scale"] == pytest.approx(scale, rel=0.02)
+
+
 def test_fit_residuals_are_those_of_the_returned_fit():
     """Residuals by group, recomputed with a numpy projection; H_fit is s H*(gamma) of the public solver."""
     W, b = random_classifier(4, 10, seed=15, bias=0.2)
@@ -346,14 +358,32 @@ def test_fit_flags_a_gamma_at_the_end_of_the_search_range():
     assert metrics["gamma_range"] == pytest.approx([0.1 * spectral_sq(W), 1e3 * spectral_sq(W)])
 
 
-def test_fit_reports_non_finite_input_as_nan_with_a_reason():
+@pytest.mark.parametrize("name", ["H", "mu", "W", "b", "T"])
+def test_fit_reports_non_finite_input_as_nan_with_a_reason(name):
     W, b = random_classifier(4, 10, seed=23)
-    T = mixup_targets(4)
-    H = torch.zeros(T.shape[0], 10, dtype=torch.float64)
-    H[3, 2] = math.nan
-    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", torch.zeros(10))
-    assert metrics["gamma"] is None and math.isnan(metrics["residual"]) and "H" in metrics["nan_reason"]
+    inputs = {"H": torch.zeros(24, 10, dtype=torch.float64), "mu": torch.zeros(10, dtype=torch.float64),
+              "W": W, "b": b, "T": mixup_targets(4, repeats=1)[:24]}
+    inputs[name] = inputs[name].clone()
+    inputs[name].view(-1)[3] = math.inf if name == "T" else math.nan
+    metrics, H_fit = ufm.fit(inputs["H"], inputs["T"], inputs["W"], inputs["b"], "cross_entropy", inputs["mu"])
+    assert metrics["gamma"] is None and math.isnan(metrics["residual"])
+    assert metrics["nan_reason"] == f"{name} is not finite"
     assert torch.isnan(H_fit).all()
+
+
+@pytest.mark.parametrize("loss_name", ["mse", "mae"])
+def test_no_targets_give_no_features(loss_name):
+    W, _ = random_classifier(4, 6, seed=23)
+    H = ufm.optimal_features(W, None, torch.zeros(0, 4, dtype=torch.float64), loss_name, 0.3)
+    assert H.shape == (0, 6)
+
+
+def test_a_fit_with_numbers_has_no_nan_reason():
+    W, b = random_classifier(4, 10, seed=24)
+    T = mixup_targets(4)
+    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    assert set(metrics) == set(ufm.unfitted_metrics("")) and metrics["nan_reason"] is None
 
 
 def test_fit_works_under_inference_mode_and_with_float32_numpy_input():
@@ -405,6 +435,8 @@ NAN_W = torch.tensor([[math.nan] * 7] + [[1.0] * 7] * 3, dtype=torch.float64)
      "same_class must be (36,), got (1,)"),
     (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(1, 1)),
      "gamma_range must be 0 < low < high < inf, got (1, 1)"),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(0, 1)),
+     "gamma_range must be 0 < low < high < inf, got (0, 1)"),
 ])
 def test_bad_input_is_a_clear_value_error(call, message):
     W, _ = random_classifier(4, 7, seed=27)
@@ -431,6 +463,8 @@ def test_no_tensor_is_made_on_the_default_device():
         got = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
         curve = ufm.theory_curve(W, None, (0, 1), LAMBDAS, "cross_entropy", gamma, 2.0)
         metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+        newton = ufm.newton_features(W, None, T, "cross_entropy", gamma)  # its start h = 0 on W's device
+    torch.testing.assert_close(newton, expected["cross_entropy"], rtol=0, atol=1e-10 * float(newton.abs().max()))
     for loss in ALL_LOSSES:
         assert got[loss].device == W.device
         torch.testing.assert_close(got[loss], expected[loss], rtol=0, atol=0)
@@ -480,7 +514,7 @@ def test_gpu_classifier_with_the_rest_on_the_cpu():
             assert metrics[key] == pytest.approx(expected[key], rel=1e-3), key
         torch.testing.assert_close(H_fit.cpu(), expected_fit, rtol=1e-2, atol=1e-6)
     curve = ufm.theory_curve(W.cuda(), b, (0, 1), LAMBDAS, "mse", 0.3, 2.0)
-    assert curve.is_cuda
+    assert curve.is_cuda and ufm.newton_features(W.cuda(), b, T, "cross_entropy", 0.3).is_cuda
 
 
 # ---------------------------------------------------------------- the row space of W
@@ -540,18 +574,30 @@ def test_a_rank_one_classifier(loss_name):
 # ---------------------------------------------------------------- the Newton solver's safeguards
 
 def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of_ten():
-    """A row that is not positive definite gets shift * 10^k added, k = 0, 1, 2, ... the first that
-    makes it so; a positive definite row is factored as it is."""
-    shift = torch.eye(2, dtype=torch.float64)
-    first_pivot = torch.tensor([[[2.0, 1.0], [1.0, 3.0]], [[-0.5, 0.0], [0.0, 3.0]]], dtype=torch.float64)
-    torch.testing.assert_close(ufm._factor(first_pivot, shift),
-                               torch.linalg.cholesky(first_pivot + torch.tensor([0.0, 1.0])[:, None, None] * shift),
-                               rtol=1e-15, atol=0)
-    second_pivot = torch.tensor([[[3.0, 0.0], [0.0, -50.0]]], dtype=torch.float64)  # 1 and 10 are not enough
-    torch.testing.assert_close(ufm._factor(second_pivot, shift), torch.linalg.cholesky(second_pivot + 100.0 * shift),
-                               rtol=1e-15, atol=0)
-    with pytest.raises(RuntimeError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
-        ufm._factor(-1e40 * shift[None], shift)
+    """A row that is not positive definite gets its own penalty P = gamma K^+ + Q (K = W W^T, Q the
+    projection onto the complement of W's column space: the identity times gamma in h) times 10^k
+    added, k = 0, 1, 2, ... the first that makes it so; a positive definite row is factored as it is.
+    P by numpy from W, per row's gamma."""
+    W = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # C = 3 > rank 2: Q != 0
+    problem = ufm._problem(W, None, torch.eye(3, dtype=torch.float64), "cross_entropy", {})
+    gamma = torch.tensor([0.7, 0.2, 5.0], dtype=torch.float64)
+    Wn = W.numpy()
+    penalty = [torch.from_numpy(g * np.linalg.pinv(Wn @ Wn.T) + np.eye(3) - Wn @ np.linalg.pinv(Wn))
+               for g in gamma.tolist()]
+    definite = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+    small = 0.1 * torch.eye(3, dtype=torch.float64)
+    # row 1: 1 and 10 times its penalty are not enough, 100 is; row 2: once is enough
+    matrix = torch.stack([definite, small - 50.0 * penalty[1], small - 0.5 * penalty[2]])
+    expected = torch.stack([torch.linalg.cholesky(definite), torch.linalg.cholesky(small + 50.0 * penalty[1]),
+                            torch.linalg.cholesky(small + 0.5 * penalty[2])])
+    for row, shift in ((1, 10.0), (2, 0.0)):  # the case this test is about
+        assert torch.linalg.cholesky_ex(matrix[row] + shift * penalty[row]).info > 0
+    torch.testing.assert_close(ufm._factor(matrix, problem, gamma), expected, rtol=1e-12, atol=0)
+    # the last shift tried is 1e30 times the penalty
+    torch.testing.assert_close(ufm._factor(-5e29 * penalty[0][None], problem, gamma[:1]),
+                               torch.linalg.cholesky(5e29 * penalty[0][None]), rtol=1e-12, atol=0)
+    with pytest.raises(ufm.SolverError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
+        ufm._factor(-1e40 * penalty[0][None], problem, gamma[:1])
 
 
 def focal_with_three_stationary_points():
@@ -560,7 +606,7 @@ def focal_with_three_stationary_points():
     W = [[1], [0]], b = (-60, 0), target e_0: the margin is m = h - 60 and the objective
     L(m) + gamma h^2 / 2, L(m) = -(1 - p)^5 log p, p = sigmoid(m). L' dips below -1 near m = -3
     (focal's negative curvature), so f'(m) = L'(m) + gamma (m + 60) has three roots for gamma = 0.02.
-    Returns the problem, gamma and the roots in m, by brentq on f' written out here.
+    Returns the problem, gamma, the roots in m (by brentq on f' written out here) and f'.
     """
     W = torch.tensor([[1.0], [0.0]], dtype=torch.float64)
     b = torch.tensor([-60.0, 0.0], dtype=torch.float64)
@@ -573,42 +619,83 @@ def focal_with_three_stationary_points():
 
     brackets = [(-12.0, -7.0), (-7.0, -4.0), (-3.0, -1.0)]
     roots = [brentq(slope, low, high, xtol=1e-15) for low, high in brackets]
-    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots
+    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots, slope
+
+
+def newton_from(problem, gamma, margin):
+    """ufm._newton on the one target from h = margin + 60 (coordinates x = h V^T, V = +-1): the margin it ends at."""
+    start = (problem.V.T * (margin + 60.0)).reshape(1, -1)
+    x, _ = ufm._newton(problem, torch.tensor([gamma], dtype=torch.float64), problem.targets, problem.smoothed, start)
+    return float((x @ problem.V)[0, 0]) - 60.0
 
 
 def test_newton_from_a_point_of_negative_curvature_descends_to_the_minimum_beside_it():
-    """Started between the local maximum and the right minimum, where the Newton matrix is not
-    positive definite: shifted steps that only descend end at the right minimum, not the left one."""
-    problem, gamma, (_, maximum, right) = focal_with_three_stationary_points()
-    start = (problem.V.T * (maximum + 1.0 + 60.0)).reshape(1, -1)  # coordinates of h = m + 60, m one past the maximum
-    x = ufm._newton(problem, gamma, start)
-    assert float((x @ problem.V)[0, 0]) - 60.0 == pytest.approx(right, abs=1e-9)
+    """Started where the objective's curvature (so the Newton matrix) is negative, on either side of
+    the local maximum: shifted steps that only descend end at the minimum on the start's side, at a
+    lower objective (written out here). From m = -3, just outside that region, a full step overshoots
+    past the maximum into the other basin, to a higher objective: backtracking keeps it on its side."""
+    problem, gamma, (left, maximum, right), slope = focal_with_three_stationary_points()
+
+    def objective(m):
+        p = 1.0 / (1.0 + math.exp(-m))
+        return -(1 - p) ** 5 * math.log(p) + 0.5 * gamma * (m + 60.0) ** 2
+
+    for start in (-6.5, -6.0, -5.0, -4.0, -3.25, -3.0):
+        if start != -3.0:
+            assert slope(start + 1e-6) - slope(start - 1e-6) < 0  # f'' < 0: the case this test is about
+        end = newton_from(problem, gamma, start)
+        assert end == pytest.approx(left if start < maximum else right, abs=1e-9), start
+        assert objective(end) < objective(start), start
+
+
+def test_newton_reusing_factors_shifts_a_refreshed_row_of_negative_curvature(monkeypatch):
+    """Where factors are reused (REUSE_MIN_CLASSES, lowered here), a row beside settled ones gets a new
+    factor of its own: where its Newton matrix is not positive definite, it is shifted as in a full
+    refresh. Row 0 starts 5e-4 from the right minimum (settled after a step), row 1 at m = -0.25,
+    whose second step starts at negative curvature; both end at the right minimum."""
+    problem, gamma, (_, _, right), _ = focal_with_three_stationary_points()
+    monkeypatch.setattr(ufm, "REUSE_MIN_CLASSES", 2)
+    shifted_alone = []
+    factor = ufm._factor
+
+    def recording(matrix, *args):
+        shifted_alone.append(len(matrix) == 1 and bool((torch.linalg.cholesky_ex(matrix).info > 0).any()))
+        return factor(matrix, *args)
+    monkeypatch.setattr(ufm, "_factor", recording)
+    starts = torch.tensor([[right + 5e-4 + 60.0], [-0.25 + 60.0]], dtype=torch.float64) * problem.V.T[0]
+    x, _ = ufm._newton(problem, torch.full((2,), gamma, dtype=torch.float64), problem.targets.repeat(2, 1),
+                       problem.smoothed.repeat(2, 1), starts)
+    assert any(shifted_alone)  # the case this test is about
+    np.testing.assert_allclose((x @ problem.V).flatten() - 60.0, [right, right], rtol=0, atol=1e-9)
 
 
 def test_newton_stopped_at_a_saddle_of_the_focal_objective_raises():
     """Docstring: a stationary point whose Newton matrix is not positive definite raises, never
     passes for a minimum. Started exactly at the local maximum, the gradient already vanishes."""
-    problem, gamma, (_, maximum, _) = focal_with_three_stationary_points()
-    start = (problem.V.T * (maximum + 60.0)).reshape(1, -1)
-    with pytest.raises(RuntimeError, match="^ufm: the Newton iteration stopped at a saddle point of the objective$"):
-        ufm._newton(problem, gamma, start)
+    problem, gamma, (_, maximum, _), _ = focal_with_three_stationary_points()
+    with pytest.raises(ufm.SolverError, match="^ufm: the Newton iteration stopped at a saddle point of the objective$"):
+        newton_from(problem, gamma, maximum)
 
 
-@pytest.mark.parametrize("limit, value, loss_name, message", [
-    ("MAX_ITERATIONS", 1, "cross_entropy",
-     r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3, 15 targets left\)"),
-    ("MAX_ACTIVE_SET_STEPS", 1, "mae",
-     r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3, \d+ targets left\)"),
-    ("MAX_BACKTRACKS", 0, "cross_entropy",
+@pytest.mark.parametrize("limits, solver, loss_name, message", [
+    ({"MAX_ITERATIONS": 1}, ufm.optimal_features, "cross_entropy",
+     r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3 to 0\.3, 15 targets left\)"),
+    # mae: the primal-dual steps hand the rows they do not certify on (MAX_PIECE_STEPS); the
+    # one-change-per-step method that takes them over raises when out of steps
+    ({"MAX_PIECE_STEPS": 0, "MAX_ACTIVE_SET_STEPS": 1}, ufm.optimal_features, "mae",
+     r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3 to 0\.3, \d+ targets left\)"),
+    # from h = 0 (the cold starts' best candidates pass Armijo's test at once here)
+    ({"MAX_BACKTRACKS": 0}, ufm.newton_features, "cross_entropy",
      r"ufm: the line search found no decrease \(the Newton direction is not a descent direction\)"),
 ])
-def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limit, value, loss_name,
+def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limits, solver, loss_name,
                                                                            message):
     W, b = random_classifier(5, 7, seed=43)
     T = mixup_targets(5)  # 15 distinct targets
-    monkeypatch.setattr(ufm, limit, value)
-    with pytest.raises(RuntimeError, match="^" + message + "$"):
-        ufm.optimal_features(W, 3 * b, T, loss_name, 0.3)
+    for name, value in limits.items():
+        monkeypatch.setattr(ufm, name, value)
+    with pytest.raises(ufm.SolverError, match="^" + message + "$"):
+        solver(W, 3 * b, T, loss_name, 0.3)
 
 
 def test_focal_with_a_softmax_saturated_at_the_start():
@@ -750,6 +837,21 @@ def test_fit_without_numbers_returns_every_key_as_nan_or_none(case):
         assert math.isnan(metrics[key]), key
     np.testing.assert_allclose(metrics["gamma_range"], gamma_range, rtol=1e-12)
     assert torch.isnan(H_fit).all()
+
+
+def test_unfitted_metrics_are_those_of_a_fit_without_numbers_with_the_reason():
+    """What the run records after a SolverError: the keys of `fit`, every number NaN, the reason."""
+    metrics = ufm.unfitted_metrics("ufm: solver failed")
+    W, b = random_classifier(4, 10, seed=23)
+    T = mixup_targets(4)
+    H = torch.full((len(T), 10), math.nan, dtype=torch.float64)
+    reference, _ = ufm.fit(H, T, W, b, "cross_entropy", torch.zeros(10, dtype=torch.float64))
+    assert set(metrics) == set(reference) and metrics["nan_reason"] == "ufm: solver failed"
+    assert metrics["gamma"] is None and metrics["scale"] is None
+    assert metrics["identifiable"] is False and metrics["gamma_at_bound"] is False
+    for key in set(metrics) - {"gamma", "scale", "identifiable", "gamma_at_bound", "nan_reason", "gamma_range"}:
+        assert math.isnan(metrics[key]), key
+    assert len(metrics["gamma_range"]) == 2 and all(math.isnan(v) for v in metrics["gamma_range"])
 
 
 @pytest.mark.parametrize("offset, at_bound", [(1.5, True), (2.5, False)])
