@@ -74,7 +74,7 @@ training class means and P the projection onto the row space of W,
 
 For each gamma the best s is the least-squares scale max(0, <P(H-mu), H*>) / |H*|^2 (a negative
 multiple of the optimum is no agreement with it: s = 0, residual 1). log gamma is searched on a grid
-of GRID_PER_DECADE points per decade, solved in one batch (or, where its Newton matrices would be
+of GRID_PER_DECADE points per decade (MAE_GRID_PER_DECADE for mae), solved in one batch (or, where its Newton matrices would be
 large, BATCH_ELEMENTS, one gamma after another from large to small, each from the last). Each
 solution comes with its tangent dx/dlog gamma (differentiating stationarity: one more solve with
 the last Newton factor), hence the residual's slope. The refinement (`_refine`) then goes to the
@@ -165,6 +165,8 @@ COLD_START_SCALES = (0.1, 1.0, 10.0, 100.0)
 ROW_LOSS_RTOL = 1e-10    # _row_losses against build_loss's batch mean: rounding, far below any formula slip
 GAMMA_RANGE = (1e-8, 1e4)  # in units of s_max^2, see the module docstring
 GRID_PER_DECADE = 0.5    # a grid point every two decades: the shape changes slowly in log gamma
+MAE_GRID_PER_DECADE = 2.0  # mae's optimum changes by pieces (its active set): the residual can have a
+                           # minimum narrower than two decades (a planted 0.2 s_max^2 was fitted at 0.01)
 LOG_GAMMA_XATOL = 1e-2     # natural log: gamma to about 1 %
 POLISH = 0.1            # a cubic step below LOG_GAMMA_XATOL is still taken, once, unless below this fraction of it
 FLAT_ULPS = 64.0         # a residual that changes by less than this many ulps of |P(H-mu)|^2 across a bracket is flat
@@ -441,6 +443,9 @@ def _solve(problem: _Problem, gammas: torch.Tensor, starts: Sequence[torch.Tenso
     of lowest objective, cold starts included if `cold` (see _cold_starts); mae the first, else
     h = 0. With `tangents`, also dx/dlog gamma, for the fit's search."""
     m, r = problem.targets.shape[0], problem.S.shape[0]
+    if m == 0:  # no targets: nothing to solve (the Newton path's checks need a row)
+        empty = problem.targets.new_zeros(len(gammas), 0, r)
+        return _Solved(empty, empty if tangents else None)
     if problem.loss_name == "mse":
         shrink = problem.S / (problem.S.square() + gammas[:, None, None])
         x = ((problem.kappa * problem.smoothed - problem.b) @ problem.U) * shrink
@@ -1099,7 +1104,8 @@ class _Solutions:
 
 def _search(solutions: _Solutions, log_low: float, log_high: float):
     """(log gamma of the best fit, residual spread over the grid, identifiable, at a bound)."""
-    count = int(round((log_high - log_low) / math.log(10.0) * GRID_PER_DECADE)) + 1
+    per_decade = MAE_GRID_PER_DECADE if solutions.problem.loss_name == "mae" else GRID_PER_DECADE
+    count = int(round((log_high - log_low) / math.log(10.0) * per_decade)) + 1
     grid = [float(value) for value in np.linspace(log_low, log_high, count)]
     solutions.solve_grid(grid)
     residuals = [solutions.points[value].residual for value in grid]

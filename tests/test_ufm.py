@@ -371,7 +371,7 @@ def test_fit_reports_non_finite_input_as_nan_with_a_reason(name):
     assert torch.isnan(H_fit).all()
 
 
-@pytest.mark.parametrize("loss_name", ["mse", "mae"])
+@pytest.mark.parametrize("loss_name", ["mse", "mae", "cross_entropy", "focal", "smooth_l1"])
 def test_no_targets_give_no_features(loss_name):
     W, _ = random_classifier(4, 6, seed=23)
     H = ufm.optimal_features(W, None, torch.zeros(0, 4, dtype=torch.float64), loss_name, 0.3)
