@@ -94,14 +94,15 @@ near 18 (C = 10) to 20 (C = 100) with a simplex-ETF classifier, beyond those of 
 there its shape changes only logarithmically in gamma. A fitted gamma at (within 2 LOG_GAMMA_XATOL
 of) either end is flagged `gamma_at_bound`: the data prefer a gamma outside the range.
 
-Speed (preliminary: a shared 2-core CPU, best of several calls, one torch thread, load average 2 to
-4). The default digits run's capture (C = 10, d = 256, 2520 points, 60 targets): 0.015 to 0.04 s for
-cross-entropy (before: 0.12 to 0.28 s); 3 x 6 x 4 x 21 points at d = 512, C = 100 (180 targets):
-about 1 to 2 s for cross-entropy and focal, 0.5 s for smooth_l1 and mae, 0.05 s for mse (before:
-1.3, 2.8, 0.7, 7.8 and 0.06 s quiet). `python bench/ufm_speed.py` measures them; `--run RUN` puts a
-run's fits beside its NC passes. The cost is per torch call for small problems (hence one batch for
-the grid, few levels after it, single-threaded: see `_with_autograd`) and per Newton factorisation
-(m C^3 / 3) for large ones.
+Speed (`python bench/ufm_speed.py --threads 1`, the project's idle 2-core CPU, best of 3, two runs).
+The default digits run's capture (C = 10, d = 256, 2520 points, 60 targets): 0.029 to 0.031 s for
+cross-entropy, 0.008 to 0.047 s over the five losses (before the batched solver: 0.12 to 0.28 s
+for cross-entropy); `--run RUN` puts a run's fits beside its NC passes, 0.012 to 0.017 s on
+digits, so the fit costs about twice the NC pass there. 3 x 6 x 4 x 21 points at d = 512, C = 100
+(180 targets): 1.2 s for cross-entropy, 1.4 to 1.9 s focal, 1.2 to 1.5 s mae, 0.3 to 0.7 s
+smooth_l1, 0.04 s mse (before: 1.3, 2.8, 7.8, 0.7 and 0.06 s). The cost is per torch call for
+small problems (hence one batch for the grid, few levels after it, single-threaded: see
+`_with_autograd`) and per Newton factorisation (m C^3 / 3) for large ones.
 
 Not identifiable. Where the shape of H* (H* up to a positive factor) is the same at every grid gamma
 to SHAPE_RTOL, gamma and s are not identifiable, only s H* is: e.g. mse with a simplex-ETF classifier
