@@ -22,7 +22,7 @@ from matplotlib.lines import Line2D
 
 from .cosines import epoch_colours
 from .groups import Group, common_description
-from .loading import Run, RunError
+from .loading import Run, RunError, named_epochs
 from .metrics import GEOMETRY_METRICS, LAYER_PREFIX, NC_METRICS, layer_metric, value_at
 from .style import figure_legend, finish_log_axis, mark_zero_level, new_figure, panel_title, set_title
 
@@ -72,21 +72,8 @@ def choose_epochs(text: Optional[str], run: Run) -> List[int]:
         features = [e for e in layer_geometry_epochs(run) if e in available] or available
         picks = _spread(features, DEFAULT_FEATURE_EPOCHS)
         return sorted({available[0], *picks}) if available[0] == 0 else picks
-    epochs = []
-    for token in (t.strip() for t in text.split(",") if t.strip()):
-        if token == "last":
-            epoch = available[-1]
-        elif token.lstrip("-").isdigit():
-            epoch = int(token)
-        else:
-            raise RunError(f"--epochs: {token!r} is not an epoch number or 'last'")
-        if epoch not in available:
-            raise RunError(f"{run.folder}: no per-layer measurements at epoch {epoch} (measured at epochs "
-                           f"{', '.join(map(str, available))})")
-        epochs.append(epoch)
-    if not epochs:
-        raise RunError("--epochs needs at least one epoch")
-    return sorted(set(epochs))
+    return sorted(set(named_epochs(text, available, lambda epoch, listing: (
+        f"{run.folder}: no per-layer measurements at epoch {epoch} (measured at epochs {listing})"))))
 
 
 def measured_stages(run: Run) -> List[str]:

@@ -15,7 +15,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -155,6 +155,25 @@ def feature_epochs(folder: str) -> List[int]:
         return []
     matches = (FEATURES_PATTERN.match(name) for name in os.listdir(directory))
     return sorted(int(m.group(1)) for m in matches if m)
+
+
+def named_epochs(text: str, available: Sequence[int], absent: Callable[[int, str], str]) -> List[int]:
+    """The epochs that --epochs names ('1,10,last'), in the order given, each checked against
+    `available` (ascending, not empty); absent(epoch, listing) is the error for one not there."""
+    epochs = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token == "last":
+            epoch = available[-1]
+        elif token.lstrip("-").isdigit():
+            epoch = int(token)
+        else:
+            raise RunError(f"--epochs: {token!r} is not an epoch number or 'last'")
+        if epoch not in available:
+            raise RunError(absent(epoch, ", ".join(map(str, available))))
+        epochs.append(epoch)
+    if not epochs:
+        raise RunError("--epochs needs at least one epoch")
+    return epochs
 
 
 def features_path(folder: str, epoch: int) -> str:

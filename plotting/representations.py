@@ -20,7 +20,7 @@ from .cosines import (HISTOGRAM_KINDS, add_colour_bars, cosines_legend, draw_his
                       norms_by_classes, payload_cosines, split_matrix)
 from .groups import Group, common_description
 from .labels import PointLabel, layout_now, place_labels
-from .loading import RunError, feature_epochs, load_features
+from .loading import RunError, feature_epochs, load_features, named_epochs
 from .style import figure_legend, new_figure, set_title
 from .triangle import Panel, TriangleOptions, draw_triangle_view, mean_of_means, triangle_heading, triangle_legend
 
@@ -50,21 +50,8 @@ def parse_epochs(text: Optional[str], available: Sequence[int], folder: str) -> 
     if text is None:
         picks = np.unique(np.linspace(0, len(available) - 1, min(DEFAULT_PANELS, len(available))).round())
         return [available[int(i)] for i in picks]
-    epochs = []
-    for token in (t.strip() for t in text.split(",") if t.strip()):
-        if token == "last":
-            epoch = available[-1]
-        elif token.lstrip("-").isdigit():
-            epoch = int(token)
-        else:
-            raise RunError(f"--epochs: {token!r} is not an epoch number or 'last'")
-        if epoch not in available:
-            raise RunError(f"{folder}: no features at epoch {epoch} (features exist for epochs "
-                           f"{', '.join(map(str, available))})")
-        epochs.append(epoch)
-    if not epochs:
-        raise RunError("--epochs needs at least one epoch")
-    return epochs
+    return named_epochs(text, available, lambda epoch, listing: (
+        f"{folder}: no features at epoch {epoch} (features exist for epochs {listing})"))
 
 
 def class_colours(num_classes: int) -> List[str]:

@@ -30,6 +30,18 @@ def run_main(argv):
         return stop.code
 
 
+def train_runs(root, runs: dict, common_flags) -> None:
+    """main.py once per {run name: flags} into root, on one torch thread (tiny tensors: extra threads
+    only add synchronisation), the caller's thread count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, flags in runs.items():
+            assert main.main(["--out-dir", str(root), "--run-name", name, *flags, *common_flags]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def spawn_main(argv, **kwargs) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *argv], cwd=ROOT, env=CHILD_ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)

@@ -15,7 +15,6 @@ import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import to_hex, to_rgb
 from matplotlib.image import AxesImage
@@ -23,7 +22,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import StepPatch
 from matplotlib.text import Annotation, Text
 
-import main as train_main
+from helpers import train_runs
 import utils
 from plotting.groups import GROUP_PALETTE
 from plotting.loading import load_run
@@ -44,13 +43,7 @@ CANVAS_TOLERANCE_PX = 0.5
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("figures_sweep")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation
-    try:
-        for name, flags in RUNS.items():
-            assert train_main.main(["--out-dir", str(root), "--run-name", name, *flags, *TINY_RUN_FLAGS]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    train_runs(root, RUNS, TINY_RUN_FLAGS)
     return root
 
 

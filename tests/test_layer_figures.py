@@ -12,10 +12,9 @@ import pickle
 
 import numpy as np
 import pytest
-import torch
 from matplotlib.colors import to_hex
 
-import main as train_main
+from helpers import train_runs
 import utils
 from plotting.cosines import epoch_colours
 from plotting.depth import choose_epochs
@@ -37,13 +36,7 @@ THEORY_GREY = 0.1  # triangle.THEORY_COLOUR, as an RGB level
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("layer_runs")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only add synchronisation
-    try:
-        for name, flags in RUNS.items():
-            assert train_main.main(["--out-dir", str(root), "--run-name", name, *flags, *TINY_RUN_FLAGS]) == 0
-    finally:
-        torch.set_num_threads(threads)
+    train_runs(root, RUNS, TINY_RUN_FLAGS)
     return root
 
 

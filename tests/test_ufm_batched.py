@@ -12,7 +12,8 @@ from scipy.optimize import minimize_scalar
 
 import ufm
 from losses import build_loss
-from mixup import triple_pair_types
+import test_ufm
+from test_ufm import relative, spectral_sq
 
 ALL_LOSSES = ["cross_entropy", "focal", "smooth_l1", "mse", "mae"]
 NEWTON_CASES = [("cross_entropy", {}), ("cross_entropy", {"label_smoothing": 0.1}), ("focal", {"focal_gamma": 2.0}),
@@ -21,24 +22,12 @@ NEWTON_CASES = [("cross_entropy", {}), ("cross_entropy", {"label_smoothing": 0.1
 SOLVE_RTOL = 2 * ufm.STATIONARITY_RTOL
 
 
-def random_classifier(C, d, seed, bias=0.3):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(C, d, generator=g, dtype=torch.float64), bias * torch.randn(C, generator=g, dtype=torch.float64)
+def random_classifier(C, d, seed, bias=0.3):  # test_ufm's, with smaller biases
+    return test_ufm.random_classifier(C, d, seed, bias)
 
 
-def mixup_targets(C, lambdas=np.linspace(0.0, 1.0, 5), repeats=1):
-    eye = np.eye(C)
-    rows = [lam * eye[a] + (1 - lam) * eye[b] for a, b in triple_pair_types((0, 1, 2)) for lam in lambdas
-            for _ in range(repeats)]
-    return torch.tensor(np.array(rows))
-
-
-def spectral_sq(W):
-    return float(np.linalg.norm(np.asarray(W), 2)) ** 2
-
-
-def relative(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+def mixup_targets(C, lambdas=np.linspace(0.0, 1.0, 5), repeats=1):  # test_ufm's, on a coarser lambda grid
+    return test_ufm.mixup_targets(C, lambdas=lambdas, repeats=repeats)
 
 
 def row_space_projector(W):
