@@ -412,6 +412,21 @@ def test_unique_rows_groups_exactly_even_where_keys_collide():
         assert targets.shape == (len(torch.unique(rows, dim=0)), 4) and inverse.shape == (len(rows),)
 
 
+def test_no_rows_have_no_unique_rows():
+    targets, inverse = ufm._unique_rows(torch.zeros(0, 4, dtype=torch.float64))
+    assert targets.shape == (0, 4) and inverse.shape == (0,)
+
+
+@pytest.mark.parametrize("loss_name", ALL_LOSSES)
+def test_no_targets_are_solved_as_none(loss_name):
+    W, b = random_classifier(4, 6, seed=23)
+    problem = ufm._problem(W, b, torch.zeros(0, 4, dtype=torch.float64), loss_name, {})
+    gammas = ufm._gammas([0.1, 1.0], problem)
+    asked = ufm._solve(problem, gammas, tangents=True)
+    assert asked.x.shape == asked.tangent.shape == (2, 0, problem.S.shape[0])
+    assert ufm._solve(problem, gammas).tangent is None  # tangents only where asked for, as for any targets
+
+
 def test_finite_checks_large_and_small_tensors():
     for size in (7, 3 * 2 ** 16):
         tensor = torch.zeros(size, dtype=torch.float64)
