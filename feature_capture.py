@@ -24,6 +24,18 @@ from models.base import FEATURES
 UFM_CURVE_POINTS = 51  # lambdas on the theory curve of each pair type
 
 
+def ufm_fit_inputs(lam, y_a, y_b, class_means: torch.Tensor) -> tuple:
+    """ufm.fit's targets lam e_a + (1 - lam) e_b (n, C) float64, mu (the mean of the finite training
+    class means) and same-class mask, from the mixup points' numpy lam, y_a, y_b (as pickled):
+    the run's fit and bench/ufm_speed.py's replay of it."""
+    labels = torch.arange(class_means.shape[0])
+    lam = torch.from_numpy(np.asarray(lam, dtype=np.float64))[:, None]
+    y_a, y_b = torch.from_numpy(np.asarray(y_a)), torch.from_numpy(np.asarray(y_b))
+    targets = (lam * (labels == y_a[:, None]) + (1 - lam) * (labels == y_b[:, None])).double()
+    mu = class_means[torch.isfinite(class_means).all(dim=1)].mean(dim=0)
+    return targets, mu, y_a == y_b
+
+
 def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
     """Indices of the first `per_class` samples of each class (all samples when 0)."""
     if per_class == 0:
@@ -112,15 +124,11 @@ class FeatureCapture:
         type: coordinates of P (H - mu), like the fitted points. A solver failure leaves NaN metrics
         that say why, and no arrays, instead of stopping the run.
         """
-        labels = torch.arange(weight.shape[0])
-        lam = torch.from_numpy(self.lam)[:, None]
-        targets = (lam * (labels == torch.from_numpy(self.y_a)[:, None]) +
-                   (1 - lam) * (labels == torch.from_numpy(self.y_b)[:, None])).double()
-        mu = class_means[torch.isfinite(class_means).all(dim=1)].mean(dim=0)
+        targets, mu, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, class_means)
         start = time.perf_counter()
         try:
-            fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, mu,
-                             same_class=torch.from_numpy(self.y_a == self.y_b), **self.loss_options)
+            fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, mu, same_class=same_class,
+                             **self.loss_options)
         except ufm.SolverError as error:
             return ufm.unfitted_metrics(f"UFM solver failed: {error}"), None, None
         metrics = {**fitted.metrics, "time_s": time.perf_counter() - start}  # the fit alone (its results are on the host)

@@ -45,6 +45,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ufm  # noqa: E402
+from feature_capture import ufm_fit_inputs  # noqa: E402
 from losses import LOSSES  # noqa: E402
 from mixup import lambda_grid, soft_targets, triple_pair_types  # noqa: E402
 from plotting.loading import RunError, feature_epochs, load_features, load_run  # noqa: E402
@@ -130,16 +131,13 @@ def parse_args(argv=None):
 def run_fit_arguments(run, features: dict):
     """(args, kwargs) of ufm.fit for one feature epoch, as feature_capture calls it."""
     mixup, config = features["mixup"], run.config
-    labels = np.arange(features["W"].shape[0])
-    lam = np.asarray(mixup["lam"])[:, None]
-    targets = lam * (labels == mixup["y_a"][:, None]) + (1 - lam) * (labels == mixup["y_b"][:, None])
-    means = np.asarray(features["class_means"])
-    mu = means[np.isfinite(means).all(axis=1)].mean(axis=0)
+    targets, mu, same_class = ufm_fit_inputs(mixup["lam"], mixup["y_a"], mixup["y_b"],
+                                             torch.from_numpy(np.asarray(features["class_means"])))
     bias = features.get("b")
     options = {"label_smoothing": config.get("label_smoothing", 0.0), "mse_scale": config.get("mse_scale", 1.0),
                "focal_gamma": config.get("focal_gamma", 2.0)}
     return ((mixup["H"], targets, features["W"], bias, config.get("loss", "cross_entropy"), mu),
-            {"same_class": mixup["y_a"] == mixup["y_b"], **options})
+            {"same_class": same_class, **options})
 
 
 def replay_runs(folders, repeats: int) -> int:
