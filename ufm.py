@@ -179,6 +179,16 @@ SHAPE_RTOL = 1e-6  # a network's float32 W (rounding 6e-8) splits singular value
 # up to 1 + CERTIFICATE_RTOL count as inside [-1, 1].
 ZERO_RTOL = 1e-12
 CERTIFICATE_RTOL = 1e-10
+# mae: a residual off E whose rate along a step is within this fraction of |a_c| |step| of zero does not
+# block the step. Such a residual's row is (to rounding) in the span of E's rows, so the step keeps it
+# where it is; blocking on the sign of its rounding made the active set swap one logit in and out for
+# ever (seen on an AMD EPYC, where the last bit of a product differs from an Intel Xeon's).
+DEGENERATE_RATE_RTOL = 1e-12
+# mae: a step shorter than this fraction of the largest |x| any piece can have (sum_c |a_c| / gamma,
+# from x = -A^T u / gamma, |u| <= 1) is rounding, not a move: where E's rows are dependent, releasing
+# one leaves the piece minimiser where it is, and the rounding of the new minimiser pointed anywhere,
+# so that the released logit blocked the step and joined E again, for ever.
+NEGLIGIBLE_STEP_RTOL = 1e-12
 MAX_PIECE_STEPS = 30  # mae's primal-dual active-set steps before the (one change per step) active-set method
 MAX_ACTIVE_SET_STEPS = 2000  # one change of E per step: far above the pieces C <= a few hundred visit
 
@@ -901,10 +911,13 @@ def _mae(problem: _Problem, gamma: torch.Tensor, smoothed: torch.Tensor, start: 
         on = held[rows].double()
         rhs = on * (gamma[rows, None] * beta[rows] - signs[rows] @ K)
         u = torch.addcmul(signs[rows], on, _restricted_solve(K, on, rhs))
-        arrived = _advance(A, beta, x, residual, held, signs, rows, -(u @ A) / gamma[rows, None])
-        # at the piece's minimiser: the multiplier furthest outside [-1, 1] leaves E, or it is optimal
-        worst, which = torch.where(held[rows], u.abs(), 0.0).max(dim=1)
-        optimal = arrived & (worst <= 1 + CERTIFICATE_RTOL)
+        arrived = _advance(A, beta, gamma[rows, None], x, residual, held, signs, rows, -(u @ A) / gamma[rows, None])
+        # at the piece's minimiser: a multiplier outside [-1, 1] leaves E, or it is optimal. Bland's rule
+        # (the lowest such index, as the lowest blocking index joins in _advance) rules out cycling
+        # through degenerate pieces, where a step of length zero changes E and not x.
+        outside = held[rows] & (u.abs() > 1 + CERTIFICATE_RTOL)
+        which = outside.to(torch.int8).argmax(dim=1)  # argmax returns the first maximal index
+        optimal = arrived & ~outside.any(dim=1)
         release = arrived & ~optimal
         held[rows[release], which[release]] = False
         signs[rows[release], which[release]] = torch.sign(u[release, which[release]])
@@ -957,16 +970,23 @@ def _mae_pieces(A, K, beta, gamma, scale, x):
     return best_x, todo
 
 
-def _advance(A, beta, x, residual, held, signs, rows, target) -> torch.Tensor:
+def _advance(A, beta, gamma, x, residual, held, signs, rows, target) -> torch.Tensor:
     """Move x[rows] towards the piece minimisers `target`, stopping where a residual off E first
     reaches zero (it joins E); updates x, residual, held, signs in place; (k,) True where the
     minimiser was reached. Residuals are measured along their sign s: one just released from E is
     zero up to rounding, of either sign."""
     step = target - x[rows]
     towards = signs[rows] * (step @ A.T)
-    crossing = (~held[rows]) & (towards < 0)
+    # a rate within rounding of zero is no crossing, nor is a step within rounding of none (see the constants)
+    row_norms = torch.linalg.vector_norm(A, dim=1)
+    length = torch.linalg.vector_norm(step, dim=1, keepdim=True)
+    moves = length > NEGLIGIBLE_STEP_RTOL * row_norms.sum() / gamma  # (see NEGLIGIBLE_STEP_RTOL)
+    crossing = (~held[rows]) & (towards < -DEGENERATE_RATE_RTOL * row_norms * length) & moves
     distance = (signs[rows] * residual[rows]).clamp(min=0.0)
-    first, where = torch.where(crossing, distance / torch.where(crossing, -towards, 1.0), math.inf).min(dim=1)
+    steps = torch.where(crossing, distance / torch.where(crossing, -towards, 1.0), math.inf)
+    first = steps.min(dim=1).values
+    # Bland's rule: of the residuals that reach zero first (to rounding), the lowest index joins E
+    where = (steps <= first[:, None] * (1 + 4 * EPS)).to(torch.int8).argmax(dim=1)
     blocked = first < 1
     x[rows] = torch.addcmul(x[rows], torch.where(blocked, first, 1.0)[:, None], step)
     residual[rows] = torch.addmm(beta[rows], x[rows], A.T)
