@@ -477,7 +477,27 @@ def simplex_etf(num_classes: int, dim: int, generator: Optional[torch.Generator]
     return etf / etf.norm(dim=1, keepdim=True)
 
 
-def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None) -> dict:
+def nearest_simplex_etf(W) -> torch.Tensor:
+    """(C, d) float64: the simplex ETF nearest to the rows of W, scaled to W's mean row norm.
+
+    A standard simplex ETF M (unit rows, M M^T = C/(C-1) (I - 11^T/C)) is rotated onto W by
+    orthogonal Procrustes: R (C, d) with orthonormal rows maximising tr(R^T M^T W), from the SVD
+    M^T W = U S V^T (R = U V^T). Only R's part orthogonal to 1 matters (M 1 = 0), so M R is the
+    same for every maximiser. The benchmark classifier of Fisher et al. 2024, whose optimum is
+    derived for a fixed ETF and no bias. Needs d >= C - 1.
+    """
+    W = _as_tensor(W).double()
+    C, d = W.shape
+    if C < 2 or d < C - 1:
+        raise ValueError(f"a simplex ETF of {C} classes needs 2 <= C <= d + 1 (d = {d})")
+    centred = torch.eye(C, dtype=torch.float64, device=W.device) - 1.0 / C
+    standard = centred / centred.norm(dim=1, keepdim=True)
+    U, _, Vh = torch.linalg.svd(standard.T @ W, full_matrices=False)
+    etf = standard @ (U @ Vh)
+    return etf / etf.norm(dim=1, keepdim=True) * W.norm(dim=1).mean()
+
+
+def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None, pair=None) -> dict:
     """Summary numbers of the features of mixup points x = lam x_a + (1-lam) x_b.
 
     mu_c are `class_means` (of the clean training split), mu_G their mean.
@@ -485,7 +505,12 @@ def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None) -> dict:
       cos(h - mu_G, w_ya).
     - diff_class_nonlinearity: mean over different-class points of
       ||h - (lam mu_a + (1-lam) mu_b)|| / ||mu_a - mu_b||: 0 when features
-      interpolate the class means linearly.
+      interpolate the class means linearly. Non-zero without any bending
+      wherever the clean ends scatter around their class means (NC1 > 0).
+    - diff_class_chord_nonlinearity (with `pair`, each point's pair id): the
+      same over the chord of its own pair, see `chord_nonlinearity`: 0 when
+      the features of each pair's mixed inputs lie on the segment between
+      those of its two clean ends, whatever the within-class scatter.
     - per lambda value (sorted, `lambdas`), over different-class points:
       pred_a_fraction / pred_b_fraction / pred_other_fraction, the share
       predicted as class a, class b or another class, and margin_ab, the
@@ -511,6 +536,8 @@ def mixup_geometry(H, y_a, y_b, lam, class_means, W, b=None) -> dict:
     diff = ~same
     lam_d, a, b_ = lam[diff], y_a[diff], y_b[diff]
     out["diff_class_nonlinearity"] = diff_class_nonlinearity(H, y_a, y_b, lam, means)
+    if pair is not None:
+        out["diff_class_chord_nonlinearity"] = chord_nonlinearity(H, pair, lam, y_a != y_b)
     predicted = logits[diff].argmax(dim=1)
     margin = logits[diff].gather(1, a[:, None]).squeeze(1) - logits[diff].gather(1, b_[:, None]).squeeze(1)
     for value in torch.unique(lam_d).tolist():
@@ -540,3 +567,34 @@ def diff_class_nonlinearity(H, y_a, y_b, lam, class_means) -> float:
     lam, a, b = lam[diff, None], y_a[diff], y_b[diff]
     straight = lam * means[a] + (1 - lam) * means[b]
     return float(((H[diff] - straight).norm(dim=1) / (means[a] - means[b]).norm(dim=1)).mean())
+
+
+def chord_nonlinearity(H, pair, lam, mask=None) -> float:
+    """Mean over points with 0 < lam < 1 (and `mask`) of
+    ||h - (lam h_a + (1-lam) h_b)|| / ||h_a - h_b||, h_a and h_b the features of the point's own
+    pair at lam = 1 and lam = 0 (its clean ends; `pair` (n,) ids the pairs).
+
+    Unlike `diff_class_nonlinearity`, which measures against the class means, this is 0 for
+    features that are linear along each pair whatever their scatter around the class means: it
+    isolates bending. Pairs without both ends in H, or with equal ends, are left out; NaN if none
+    is left.
+    """
+    H = _as_tensor(H).double()
+    device = H.device
+    pair, lam = _as_tensor(pair, device).long(), _as_tensor(lam, device).double()
+    mask = torch.ones_like(lam, dtype=torch.bool) if mask is None else _as_tensor(mask, device).bool()
+    count = int(pair.max()) + 1 if pair.numel() else 0
+    ends = []
+    for end in (1.0, 0.0):  # h_a at lam = 1, h_b at lam = 0
+        at = lam == end
+        table = torch.full((count, H.shape[1]), math.nan, dtype=torch.float64, device=device)
+        table[pair[at]] = H[at]
+        ends.append(table)
+    h_a, h_b = ends[0][pair], ends[1][pair]
+    span = (h_a - h_b).norm(dim=1)
+    inside = mask & (lam > 0) & (lam < 1) & torch.isfinite(span) & (span > 0)
+    if not inside.any():
+        return math.nan
+    weight = lam[inside, None]
+    chord = weight * h_a[inside] + (1 - weight) * h_b[inside]
+    return float(((H[inside] - chord).norm(dim=1) / span[inside]).mean())

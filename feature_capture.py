@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from collapse_metrics import diff_class_nonlinearity, mixup_geometry
+from collapse_metrics import chord_nonlinearity, diff_class_nonlinearity, mixup_geometry, nearest_simplex_etf
 from data import Split
 from data.batches import Normalizer
 from layers import read_stages
@@ -24,16 +24,14 @@ from models.base import FEATURES
 UFM_CURVE_POINTS = 51  # lambdas on the theory curve of each pair type
 
 
-def ufm_fit_inputs(lam, y_a, y_b, class_means: torch.Tensor) -> tuple:
-    """ufm.fit's targets lam e_a + (1 - lam) e_b (n, C) float64, mu (the mean of the finite training
-    class means) and same-class mask, from the mixup points' numpy lam, y_a, y_b (as pickled):
-    the run's fit and bench/ufm_speed.py's replay of it."""
-    labels = torch.arange(class_means.shape[0])
+def ufm_fit_inputs(lam, y_a, y_b, num_classes: int) -> tuple:
+    """ufm.fit's targets lam e_a + (1 - lam) e_b (n, C) float64 and same-class mask, from the mixup
+    points' numpy lam, y_a, y_b (as pickled): the run's fit and bench/ufm_speed.py's replay of it."""
+    labels = torch.arange(num_classes)
     lam = torch.from_numpy(np.asarray(lam, dtype=np.float64))[:, None]
     y_a, y_b = torch.from_numpy(np.asarray(y_a)), torch.from_numpy(np.asarray(y_b))
     targets = (lam * (labels == y_a[:, None]) + (1 - lam) * (labels == y_b[:, None])).double()
-    mu = class_means[torch.isfinite(class_means).all(dim=1)].mean(dim=0)
-    return targets, mu, y_a == y_b
+    return targets, y_a == y_b
 
 
 def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int) -> torch.Tensor:
@@ -71,7 +69,9 @@ class FeatureCapture:
         labels = train.labels.numpy()
         self.triple = list(cfg.feature_classes) if cfg.feature_classes else default_triple(num_classes, cfg.seed)
         pair_a, pair_b = triple_pairs(labels, self.triple, cfg.feature_pairs, cfg.seed)
-        self.index_a, self.index_b, self.lam = mixup_grid(pair_a, pair_b, lambda_grid(cfg.feature_lambdas))
+        lambdas = lambda_grid(cfg.feature_lambdas)
+        self.index_a, self.index_b, self.lam = mixup_grid(pair_a, pair_b, lambdas)
+        self.pair = np.tile(np.arange(pair_a.size), lambdas.size)  # each point's pair (the grid is lambda-major)
         self.y_a, self.y_b = labels[self.index_a], labels[self.index_b]
         # Only the images of the pairs live on the device; the grid indexes into them.
         unique, inverse = np.unique(np.concatenate([self.index_a, self.index_b]), return_inverse=True)
@@ -114,20 +114,22 @@ class FeatureCapture:
             H = H_mix if name == FEATURES else stage_vectors[name]
             # FEATURES shares mixup.H's array: the pickle then stores it once
             payload[name] = {"H": pickled_mix if name == FEATURES else H.cpu().numpy(), "class_means": means.cpu().numpy()}
-            geometry[name] = {"diff_class_nonlinearity": diff_class_nonlinearity(H, self.y_a, self.y_b, self.lam, means)}
+            geometry[name] = {"diff_class_nonlinearity": diff_class_nonlinearity(H, self.y_a, self.y_b, self.lam, means),
+                              "diff_class_chord_nonlinearity": chord_nonlinearity(H, self.pair, self.lam,
+                                                                                  self.y_a != self.y_b)}
         return payload, geometry
 
-    def _ufm_entries(self, H_mix, weight, bias, class_means) -> tuple:
+    def _ufm_entries(self, H_mix, weight, bias) -> tuple:
         """(fit metrics, s H* of the mixup points, theory curves) of the run's loss (ufm.fit), in float32 arrays.
 
         The theory curves are s h*(lam e_a + (1 - lam) e_b) over UFM_CURVE_POINTS lambdas for each pair
-        type: coordinates of P (H - mu), like the fitted points. A solver failure leaves NaN metrics
-        that say why, and no arrays, instead of stopping the run.
+        type, in feature coordinates like the fitted points (uncentred, see ufm's "One convention").
+        A solver failure leaves NaN metrics that say why, and no arrays, instead of stopping the run.
         """
-        targets, mu, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, class_means)
+        targets, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, weight.shape[0])
         start = time.perf_counter()
         try:
-            fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, mu, same_class=same_class,
+            fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, same_class=same_class,
                              **self.loss_options)
         except ufm.SolverError as error:
             return ufm.unfitted_metrics(f"UFM solver failed: {error}"), None, None
@@ -145,6 +147,21 @@ class FeatureCapture:
                        "H": curves.float().cpu().numpy()}
         return metrics, fitted.H_fit.float().cpu().numpy(), curve_entry
 
+    def _etf_benchmark(self, H_mix, weight) -> dict:
+        """The fit against the simplex ETF nearest to W with no bias (collapse_metrics.nearest_simplex_etf):
+        the classifier for which Fisher et al. 2024 derive the optimum. For an --etf-classifier run it is
+        the run's own classifier; for a learned one, the paper's benchmark beside the run's own W and b."""
+        try:
+            etf = nearest_simplex_etf(weight)
+        except ValueError as error:  # d < C - 1: no ETF fits in the feature space
+            return ufm.unfitted_metrics(f"no simplex ETF benchmark: {error}")
+        targets, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, weight.shape[0])
+        try:
+            return ufm.fit(H_mix, targets, etf, None, self.loss_name, same_class=same_class,
+                           **self.loss_options).metrics
+        except ufm.SolverError as error:
+            return ufm.unfitted_metrics(f"UFM solver failed: {error}")
+
     @torch.inference_mode()
     def capture(self, model, epoch: int, class_means: torch.Tensor, autocast, layer_means=None):
         """(payload for the features pickle, mixup_geometry dict) at this epoch.
@@ -159,7 +176,7 @@ class FeatureCapture:
         weight = model.classifier.weight.double()
         bias = model.classifier.bias
         bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        geometry = mixup_geometry(H_mix, self.y_a, self.y_b, self.lam, class_means, weight, bias)
+        geometry = mixup_geometry(H_mix, self.y_a, self.y_b, self.lam, class_means, weight, bias, pair=self.pair)
         payload = {
             "epoch": epoch,
             "H": H_sample.cpu().numpy(),
@@ -170,13 +187,14 @@ class FeatureCapture:
             "b": bias.cpu().numpy(),
             "mixup": {
                 "H": H_mix.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.lam,
-                "index_a": self.index_a, "index_b": self.index_b,
+                "index_a": self.index_a, "index_b": self.index_b, "pair": self.pair,
                 "triple": list(self.triple), "feature_mode": self.mode,
             },
         }
         if layer_means:
             payload["layers"], geometry["layers"] = self._layer_entries(H_mix, payload["mixup"]["H"], stage_vectors,
                                                                         layer_means)
-        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_mix, weight, bias, class_means)
-        payload["mixup"].update(ufm=geometry["ufm"], H_ufm=H_ufm, ufm_curves=curves)
+        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_mix, weight, bias)
+        geometry["ufm_etf"] = self._etf_benchmark(H_mix, weight)
+        payload["mixup"].update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
         return payload, geometry

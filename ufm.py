@@ -67,12 +67,22 @@ candidate of lowest objective (a Newton matrix that is not positive definite is 
 of gamma K^+, i.e. of the identity in h). From h = 0, and from the cold starts, which predict the
 target, the iterates move towards predicting the target, away from the region of negative curvature.
 
-The fit. For learned features H (n, d) of mixup points with targets T, mu the global mean of the
-training class means and P the projection onto the row space of W,
+The fit. For learned features H (n, d) of mixup points with targets T, and P the projection onto
+the row space of W,
 
-    min over s >= 0, gamma in the search range of  || P (H - mu) - s H*(gamma) ||_F
+    min over s >= 0, gamma in the search range of  || P H - s H*(gamma) ||_F
 
-For each gamma the best s is the least-squares scale max(0, <P(H-mu), H*>) / |H*|^2 (a negative
+One convention: H is not centred. The UFM has no free offset: its features are the variables that
+the regulariser (gamma / 2) |h|^2 pulls to 0 and the network's own logits W h + b read. Centring H
+by the mean of the class means mu while solving with b fitted the model H = mu + s H*(b), which is
+not the UFM (issue 20: an exact optimum planted as H came back with a residual of 0.08 and gamma
+7x off for mse); centring and solving with b + W mu instead would be a UFM whose regulariser pulls
+towards mu, also a different model. Uncentred, features planted as s h*(T; W, b, gamma) give back
+s and gamma (tests/test_ufm_planted.py). Of the residual, `scatter_floor` is what the scatter of the
+rows that share a target sets alone, which no (s, gamma) explains (within-target collapse), and
+`shape_residual` the residual of the per-target means, the distance to the optimum's shape.
+
+For each gamma the best s is the least-squares scale max(0, <P H, H*>) / |H*|^2 (a negative
 multiple of the optimum is no agreement with it: s = 0, residual 1). log gamma is searched on a grid
 of GRID_PER_DECADE points per decade (MAE_GRID_PER_DECADE for mae), solved in one batch (or, where its Newton matrices would be
 large, BATCH_ELEMENTS, one gamma after another from large to small, each from the last). Each
@@ -81,9 +91,12 @@ the last Newton factor), hence the residual's slope. The refinement (`_refine`) 
 side of the best grid point where the residual falls, solves 1/6, 1/3 and 1/2 of the way to the
 next grid point in one batch, and takes steps to the minimum of the cubic through the residuals
 and slopes at the best point and its neighbour on that side, until that minimum is within
-LOG_GAMMA_XATOL of a solved point (then one last such step, below it): gamma to about 0.1 %, as
-bounded Brent to LOG_GAMMA_XATOL did before, in 2 to 4 levels after the grid instead of about 10
-sequential solves.
+LOG_GAMMA_XATOL (1e-5) of a solved point (then one last such step, below it): a planted gamma comes
+back to about 1e-6 and an exact optimum with a residual below 1e-6 (tests/test_ufm_planted.py; at the
+earlier 1e-2 the residual of an exact optimum was 1e-6 to 1e-5), in a few levels after the grid.
+mae's residual has kinks in log gamma (wherever a logit changes piece), where slopes mislead a cubic:
+its refinement (`_refine_kinked`) is bounded Brent on the residual's values between the best grid
+point's neighbours, to KINKED_XATOL.
 
 The gamma range is GAMMA_RANGE times s_max^2 (s_max the largest singular value of W): the optimum's
 shape depends on gamma only through gamma / |W|^2 (scaling W by a acts as dividing gamma by a^2). At
@@ -125,6 +138,7 @@ from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
 import torch.nn.functional as F
 from torch.func import vmap
 
@@ -168,9 +182,10 @@ GAMMA_RANGE = (1e-8, 1e4)  # in units of s_max^2, see the module docstring
 GRID_PER_DECADE = 0.5    # a grid point every two decades: the shape changes slowly in log gamma
 MAE_GRID_PER_DECADE = 2.0  # mae's optimum changes by pieces (its active set): the residual can have a
                            # minimum narrower than two decades (a planted 0.2 s_max^2 was fitted at 0.01)
-LOG_GAMMA_XATOL = 1e-2     # natural log: gamma to about 1 %
+LOG_GAMMA_XATOL = 1e-5     # natural log: a planted gamma comes back to about 1e-6 (tests/test_ufm_planted.py)
+KINKED_XATOL = 1e-6       # mae's Brent: no superlinear last step to sharpen it (see _refine_kinked)
 POLISH = 0.1            # a cubic step below LOG_GAMMA_XATOL is still taken, once, unless below this fraction of it
-FLAT_ULPS = 64.0         # a residual that changes by less than this many ulps of |P(H-mu)|^2 across a bracket is flat
+FLAT_ULPS = 64.0         # a residual that changes by less than this many ulps of |P H|^2 across a bracket is flat
 REFINE_FRACTIONS = (1 / 6, 1 / 3, 1 / 2)  # the refinement's first level, in fractions of the way to the next grid point
 MAX_REFINE_STEPS = 30    # the refinement's levels after the grid; it needs 2 to 5 (see _refine)
 SHAPE_RTOL = 1e-6  # a network's float32 W (rounding 6e-8) splits singular values that are equal in exact
@@ -250,8 +265,8 @@ def theory_curve(W, b, pair: Sequence[int], lambdas, loss_name: str, gamma: floa
     """(len(lambdas), d) float64: scale * h*(lam e_a + (1 - lam) e_b) for pair = (a, b), every lam.
 
     With a fit's `curve_gamma` and `curve_scale`: the theory's curve of one pair type, to draw
-    through the learned points. It models P (H - mu): project it as the centred features are,
-    without subtracting mu again.
+    through the learned points. It models P H, the features as the network computes them: a figure
+    that centres the features subtracts the same centre from the curve.
     """
     W = _as_float64(W)
     lam = _as_float64(lambdas, W.device).reshape(-1, 1)
@@ -261,12 +276,13 @@ def theory_curve(W, b, pair: Sequence[int], lambdas, loss_name: str, gamma: floa
                                      **loss_options)
 
 
-def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[float, float] = GAMMA_RANGE,
+def fit(H, T, W, b, loss_name: str, *, same_class=None, gamma_range: Tuple[float, float] = GAMMA_RANGE,
         **loss_options) -> UFMFit:
-    """The s >= 0 and gamma for which s H*(gamma) best matches P (H - mu) (see the module docstring).
+    """The s >= 0 and gamma for which s H*(gamma) best matches P H (see the module docstring).
 
-    H (n, d) learned features of mixup points with raw targets T (n, C); W (C, d), b (C,) or None
-    the classifier; mu (d,) the global mean of the training class means. `same_class` (n,) bool
+    H (n, d) learned features of mixup points with raw targets T (n, C), as the network computes
+    them (not centred: see "One convention" in the module docstring); W (C, d), b (C,) or None the
+    classifier whose optimum is fitted. `same_class` (n,) bool
     marks the same-class points; by default the rows whose target has a single non-zero entry (so
     different-class pairs at lam = 0 or 1, whose inputs are clean images, count as same-class).
     `gamma_range` is in units of s_max^2, the largest squared singular value of W.
@@ -277,39 +293,50 @@ def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[f
       identifiable            False when the shape of H* is the same at every searched gamma
       gamma_at_bound          the fitted gamma is an end of the search range
       residual, residual_same_class, residual_diff_class
-                              |P(H-mu) - s H*|_F / |P(H-mu)|_F over all / same- / different-class
-                              rows (NaN for an empty group)
-      outside_share           |(I-P)(H-mu)|^2 / |H-mu|^2
+                              |P H - s H*|_F / |P H|_F over all / same- / different-class rows (NaN
+                              for an empty group)
+      scatter_floor           the residual that the scatter of the rows sharing a target sets alone:
+                              sqrt(sum_i |P h_i - m_j(i)|^2) / |P H|_F, m_j the mean of P h over the rows
+                              of target j; no s and gamma go below it
+      shape_residual          the residual of those per-target means, which the optimum's shape must
+                              explain: sqrt(sum_j n_j |m_j - s h*_j|^2 / sum_j n_j |m_j|^2); the
+                              distance to the optimum once within-target collapse is set aside.
+                              residual^2 = scatter_floor^2 + shape_residual^2 (1 - scatter_floor^2)
+      outside_share           |(I-P)H|^2 / |H|^2
       residual_gamma_spread   largest minus smallest residual over the gamma grid: how much gamma matters
       curve_gamma, curve_scale  a (gamma, s) that reproduces H_fit, for `theory_curve`
       gamma_range             [low, high] searched, absolute
       nan_reason              None, or why the numbers are NaN and gamma None (non-finite input,
-                              features without a component in the row space); H_fit is NaN then
+                              features without a component in the row space, an optimum that is
+                              h = 0 for every target and gamma); H_fit is NaN then
     """
     _check_loss(loss_name, loss_options)
     W64, b64, T64 = _classifier(W, b, T)
     features = H if isinstance(H, torch.Tensor) else torch.from_numpy(np.asarray(H))
-    H64, mu64 = _as_float64(features, W64.device), _as_float64(mu, W64.device)
-    if H64.dim() != 2 or H64.shape != (T64.shape[0], W64.shape[1]) or mu64.shape != (W64.shape[1],):
-        raise ValueError(f"H must be (n, d) = ({T64.shape[0]}, {W64.shape[1]}) and mu (d,), got "
-                         f"{tuple(H64.shape)} and {tuple(mu64.shape)}")
+    H64 = _as_float64(features, W64.device)
+    if H64.dim() != 2 or H64.shape != (T64.shape[0], W64.shape[1]):
+        raise ValueError(f"H must be (n, d) = ({T64.shape[0]}, {W64.shape[1]}), got {tuple(H64.shape)}")
     low, high = (float(v) for v in gamma_range)
     if not (0 < low < high and math.isfinite(high)):
         raise ValueError(f"gamma_range must be 0 < low < high < inf, got {gamma_range}")
     same = _same_class_mask(same_class, T64)
     # H as given: float32 features are half the bytes of their float64 copy
-    for name, tensor in (("H", features), ("mu", mu64), ("W", W64), ("b", b64), ("T", T64)):
+    for name, tensor in (("H", features), ("W", W64), ("b", b64), ("T", T64)):
         if not _finite(tensor):
             return UFMFit(_nan_metrics(f"{name} is not finite", [math.nan, math.nan]), torch.full_like(H64, math.nan))
 
     problem = _problem(W64, b64, T64, loss_name, loss_options)
     absolute = [low * float(problem.S[0]) ** 2, high * float(problem.S[0]) ** 2]
-    data = _data(problem, H64, mu64)  # H64 is centred and projected in place: no more copies of (n, d)
+    data = _data(problem, H64)  # H64 is projected in place: no more copies of (n, d)
     if data.inside == 0.0:
         return UFMFit(_nan_metrics("the features have no component in the row space of W", absolute),
                       torch.full_like(H64, math.nan))
     solutions = _Solutions(problem, data)
     log_gamma, spread, varies, at_bound = _search(solutions, math.log(absolute[0]), math.log(absolute[1]))
+    if _optimum_is_zero(solutions):
+        return UFMFit(_nan_metrics("the optimum is h = 0 for every target at every gamma (e.g. mae with a "
+                                   "classifier whose rows sum to zero and no bias): no shape to fit", absolute),
+                      torch.full_like(H64, math.nan))
     point = solutions.points[log_gamma]
     scale = point.scale
     fitted = scale * point.x[problem.inverse]
@@ -322,6 +349,8 @@ def fit(H, T, W, b, loss_name: str, mu, *, same_class=None, gamma_range: Tuple[f
         "residual": _group_residual(data.Y, fitted, everything),
         "residual_same_class": _group_residual(data.Y, fitted, same),
         "residual_diff_class": _group_residual(data.Y, fitted, ~same),
+        "scatter_floor": math.sqrt(data.scatter / data.inside),
+        "shape_residual": _shape_residual(data, point),
         "outside_share": data.outside / (data.outside + data.inside),
         "residual_gamma_spread": spread,
         "curve_gamma": math.exp(log_gamma),
@@ -1016,24 +1045,23 @@ def _restricted_solve(K, on, rhs) -> torch.Tensor:
 @dataclass
 class _Data:
     """Learned features in the row-space coordinates, grouped by unique target."""
-    Y: torch.Tensor        # (n, r) coordinates of P (H - mu)
+    Y: torch.Tensor        # (n, r) coordinates of P H
     inverse: torch.Tensor  # (n,) unique target of each row
     counts: torch.Tensor   # (m,) rows per unique target
     means: torch.Tensor    # (m, r) mean of Y over the rows of each unique target
     scatter: float         # sum of |Y_i - means[inverse_i]|^2: the residual no scale of H* can explain
-    inside: float          # |P (H - mu)|^2
-    outside: float         # |(I - P)(H - mu)|^2
+    inside: float          # |P H|^2
+    outside: float         # |(I - P) H|^2
 
 
-def _data(problem: _Problem, H: torch.Tensor, mu: torch.Tensor) -> _Data:
-    """The data of the fit; H (n, d) float64 is overwritten (centred, then its part outside the row
-    space: (n, d) temporaries cost more than the arithmetic here)."""
-    centred = H.sub_(mu)
-    Y = centred @ problem.V.T
+def _data(problem: _Problem, H: torch.Tensor) -> _Data:
+    """The data of the fit; H (n, d) float64 is overwritten with its part outside the row space
+    ((n, d) temporaries cost more than the arithmetic here)."""
+    Y = H @ problem.V.T
     counts = torch.bincount(problem.inverse, minlength=problem.targets.shape[0]).double()
     means = torch.zeros(counts.shape[0], Y.shape[1], dtype=Y.dtype, device=Y.device).index_add_(0, problem.inverse, Y)
     means /= counts[:, None]
-    outside = centred.addmm_(Y, problem.V, alpha=-1.0).view(-1)  # directly, not as a difference of large sums
+    outside = H.addmm_(Y, problem.V, alpha=-1.0).view(-1)  # directly, not as a difference of large sums
     return _Data(Y, problem.inverse, counts, means, float((Y - means[problem.inverse]).square().sum()),
                  float(Y.square().sum()), float(outside @ outside))
 
@@ -1043,14 +1071,14 @@ class _Point(NamedTuple):
     x: torch.Tensor        # (m, r) optimum coordinates of the unique targets
     tangent: torch.Tensor  # (m, r) dx/dlog gamma (NaN where not computed)
     scale: float           # least-squares s >= 0
-    residual: float        # |P(H-mu) - s H*|^2
+    residual: float        # |P H - s H*|^2
     slope: float           # d residual / d log gamma
 
 
 def _points(data: _Data, solved: _Solved) -> list:
     """A _Point for each of k solutions x (k, m, r). Rows of one target share H*, so the residual is
     the within-target scatter plus sum_j count_j |mean_j - s x_j|^2: sums of squares, exact, without
-    the cancellation of |Y|^2 - s <Y, H*>. Its slope is -2 s <P(H-mu) - s H*, dH*/dlog gamma> (the
+    the cancellation of |Y|^2 - s <Y, H*>. Its slope is -2 s <P H - s H*, dH*/dlog gamma> (the
     derivative through s vanishes, s being optimal)."""
     x, tangent = solved.x, solved.tangent
     tangent = torch.full_like(x, math.nan) if tangent is None else tangent  # a point never refined from
@@ -1135,9 +1163,34 @@ def _search(solutions: _Solutions, log_low: float, log_high: float):
     if not _shape_varies(solutions, grid):
         # the largest gamma among equal residuals, as the sweep from large gamma found it
         return max(grid, key=lambda value: (-solutions.points[value].residual, value)), spread, False, False
-    best = _refine(solutions, grid)
+    best = (_refine_kinked if solutions.problem.loss_name == "mae" else _refine)(solutions, grid)
     at_bound = min(abs(best - log_low), abs(best - log_high)) <= 2 * LOG_GAMMA_XATOL
     return best, spread, True, at_bound
+
+
+def _refine_kinked(solutions: _Solutions, grid) -> float:
+    """mae's refinement: bounded Brent (scipy) on the residual's values between the best grid point's
+    neighbours, to KINKED_XATOL. mae's residual has kinks in log gamma wherever a logit changes
+    piece, so slopes mislead a cubic step: on a planted case it stopped 0.04 short of the minimum
+    (issue 20's rerun of the search test). Each value is one warm-started solve, from the nearest
+    solved gamma's pieces; a bracket flat to rounding (mae's constant ranges) is not searched."""
+    best = min(grid, key=lambda value: (solutions.points[value].residual, -value))  # ties: the largest gamma
+    position = grid.index(best)
+    low, high = grid[max(position - 1, 0)], grid[min(position + 1, len(grid) - 1)]
+    rounding = FLAT_ULPS * EPS * solutions.data.inside
+    ends = [solutions.points[value].residual for value in (low, best, high)]
+    if max(ends) - min(ends) <= rounding:
+        return best
+
+    def residual(value) -> float:
+        value = float(value)  # scipy passes numpy floats: the keys stay Python floats
+        if value not in solutions.points:
+            near = min(solutions.points, key=lambda solved: abs(solved - value))
+            solutions.solve_between([value], near, near, tangents=False)
+        return solutions.points[value].residual
+
+    minimize_scalar(residual, bounds=(low, high), method="bounded", options={"xatol": KINKED_XATOL})
+    return solutions.best()
 
 
 def _refine(solutions: _Solutions, grid) -> float:
@@ -1151,7 +1204,7 @@ def _refine(solutions: _Solutions, grid) -> float:
     of the range where the residual still falls beyond it: 1 to 4 single solves after the split.
     """
     best = min(grid, key=lambda value: (solutions.points[value].residual, -value))  # ties: the largest gamma
-    rounding = FLAT_ULPS * EPS * solutions.data.inside  # of residuals, sums of squares of terms up to |P(H-mu)|
+    rounding = FLAT_ULPS * EPS * solutions.data.inside  # of residuals, sums of squares of terms up to |P H|
     for step in range(MAX_REFINE_STEPS):
         point = solutions.points[best]
         below, above = ([value for value in solutions.points if value < best],
@@ -1201,6 +1254,23 @@ def _shape_varies(solutions: _Solutions, grid) -> bool:
     return bool(((shapes[1:] - shapes[0]).norm(dim=(1, 2)) > SHAPE_RTOL).any())
 
 
+def _optimum_is_zero(solutions: _Solutions) -> bool:
+    """Whether every solved optimum is h = 0 to rounding: relative to |A|_F max(1, |b - kappa t~|) /
+    gamma, a bound on |x| for the losses' gradients, whose size is at most that of the target."""
+    problem = solutions.problem
+    size = float(problem.S.norm()) * max(1.0, float((problem.kappa * problem.smoothed - problem.b).abs().max()))
+    return all(point.x.numel() == 0 or float(point.x.abs().amax()) <= ZERO_RTOL * size / math.exp(log_gamma)
+               for log_gamma, point in solutions.points.items())
+
+
+def _shape_residual(data: _Data, point: _Point) -> float:
+    """sqrt(sum_j n_j |m_j - s x_j|^2 / sum_j n_j |m_j|^2): the fit's residual of the per-target means."""
+    weights = data.counts[:, None]
+    means_norm = float((weights * data.means.square()).sum())
+    misfit = float((weights * (data.means - point.scale * point.x).square()).sum())
+    return math.sqrt(misfit / means_norm) if means_norm > 0 else math.nan
+
+
 def _group_residual(Y, fitted, mask) -> float:
     if not bool(mask.any()):
         return math.nan
@@ -1226,5 +1296,5 @@ def unfitted_metrics(reason: str) -> dict:
 def _nan_metrics(reason: str, gamma_range) -> dict:
     return {"gamma": None, "scale": None, "identifiable": False, "gamma_at_bound": False,
             "residual": math.nan, "residual_same_class": math.nan, "residual_diff_class": math.nan,
-            "outside_share": math.nan, "residual_gamma_spread": math.nan, "curve_gamma": math.nan,
+            "scatter_floor": math.nan, "shape_residual": math.nan, "outside_share": math.nan, "residual_gamma_spread": math.nan, "curve_gamma": math.nan,
             "curve_scale": math.nan, "gamma_range": list(gamma_range), "nan_reason": reason}

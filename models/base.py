@@ -25,6 +25,12 @@ class FeatureClassifier(nn.Module):
     always FEATURES -> "body" (the output of `features`). Per-layer
     measurement and manifold mixup reach a stage through a forward hook on
     that submodule (see layers.py), never through a copy of the forward.
+    A conv net's last stage before the global average pool repeats FEATURES:
+    a stage's vector is its map's spatial mean, which is what the pool hands
+    to the classifier (ResNet's layer4; VGG's last pool, whose map is 1x1 at
+    the input sizes that keep every pool). It stays in the list so that every
+    block is named as in torchvision; mixing there (manifold mixup) mixes
+    the map before a linear pool, i.e. the features.
     """
 
     def __init__(self, body: nn.Module, feature_dim: int, num_classes: int, convolutional: bool,

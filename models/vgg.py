@@ -25,7 +25,8 @@ def _cifar_vgg(config, in_channels, image_size, num_classes, width):
     body = nn.Sequential(features, nn.AdaptiveAvgPool2d(1), nn.Flatten())
     feature_dim = [entry for entry in layers if entry != "M"][-1]
     pools = [index for index, module in enumerate(features) if isinstance(module, nn.MaxPool2d)]
-    stages = {f"pool{k}": f"body.0.{index}" for k, index in enumerate(pools, start=1)}  # one per pooling stage
+    # one per pooling stage; the last repeats the features where its map is 1x1 (see FeatureClassifier)
+    stages = {f"pool{k}": f"body.0.{index}" for k, index in enumerate(pools, start=1)}
     return FeatureClassifier(body, feature_dim, num_classes, convolutional=True, stages=stages)
 
 

@@ -42,6 +42,9 @@ PANELS = (
     ("ncc_err", "nearest-class-mean error", "error (%)", True),
     ("diff_class_nonlinearity", "mixup non-linearity (feature epochs)", GEOMETRY_METRICS["diff_class_nonlinearity"][1],
      False),
+    # against each pair's own clean ends: the bending alone, without the scatter around the class means
+    ("diff_class_chord_nonlinearity", "chord non-linearity (feature epochs)",
+     GEOMETRY_METRICS["diff_class_chord_nonlinearity"][1], False),
 )
 
 

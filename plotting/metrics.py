@@ -47,27 +47,40 @@ GEOMETRY_METRICS = {
     "same_class_alignment": ("mixup: same-class alignment", r"mean cos$(h - \mu_G, w_y)$"),
     "diff_class_nonlinearity": ("mixup: different-class departure from linearity",
                                 r"$\|h - (\lambda\mu_a + (1-\lambda)\mu_b)\| / \|\mu_a - \mu_b\|$"),
+    # against each pair's own clean ends: bending alone, without the scatter around the class means
+    "diff_class_chord_nonlinearity": ("mixup: different-class departure from each pair's chord",
+                                      r"$\|h - (\lambda h_a + (1-\lambda) h_b)\| / \|h_a - h_b\|$"),
 }
 
 # The UFM fit of the triple's mixup points (mixup_geometry["ufm"], see ufm.fit), feature epochs only:
-# name -> (key in the fit, title, y label, log scale).
+# name -> (key in the fit, title, y label, log scale). `ufm_etf_*`: the same fit against the simplex ETF
+# nearest to W with no bias (mixup_geometry["ufm_etf"]), the benchmark of Fisher et al. 2024.
 UFM_METRICS = {
     "ufm_residual": ("residual", "UFM fit: relative residual, all mixup points",
-                     r"$\|P(H-\mu) - sH^*\|_F\,/\,\|P(H-\mu)\|_F$", False),
+                     r"$\|PH - sH^*\|_F\,/\,\|PH\|_F$", False),
+    "ufm_shape_residual": ("shape_residual", "UFM fit: residual of the per-target means (distance to the optimum)",
+                           r"$\|M - sH^*\|\,/\,\|M\|$ (per-target means $M$)", False),
+    "ufm_scatter_floor": ("scatter_floor", "UFM fit: floor set by the scatter within targets",
+                          "relative residual", False),
     "ufm_residual_same_class": ("residual_same_class", "UFM fit: relative residual, same-class points",
                                 "relative residual", False),
     "ufm_residual_diff_class": ("residual_diff_class", "UFM fit: relative residual, different-class points",
                                 "relative residual", False),
     "ufm_outside_share": ("outside_share", "share of the mixup features outside the row space of W",
-                          r"$\|(I-P)(H-\mu)\|^2 / \|H-\mu\|^2$", False),
+                          r"$\|(I-P)H\|^2 / \|H\|^2$", False),
     "ufm_gamma": ("gamma", "UFM fit: feature penalty gamma (identifiable fits only)", r"$\gamma$", True),
+    "ufm_etf_residual": ("etf:residual", "UFM fit against the nearest simplex ETF: relative residual",
+                         r"$\|PH - sH^*_{\mathrm{ETF}}\|_F\,/\,\|PH\|_F$", False),
+    "ufm_etf_shape_residual": ("etf:shape_residual", "UFM fit against the nearest simplex ETF: residual of the "
+                               "per-target means", "relative residual", False),
 }
+UFM_FITS = {"": "ufm", "etf:": "ufm_etf"}  # key prefix -> the fit's entry in mixup_geometry
 # Per-layer numbers, `layer.<stage>.<key>`: the keys of nc_layers (collapse_metrics.LAYER_METRIC_KEYS),
 # the nearest-class-mean accuracy or error there, and the mixup non-linearity at that stage.
 LAYER_PREFIX = "layer."
 LAYER_NC_KEYS = ("nc1", "nc1_cdnv", "tr_sigma_w", "tr_sigma_b", "nc2_equinorm_h", "nc2_equiangle_h",
                  "nc2_maxangle_h", "nc2_etf_h")
-LAYER_OTHER_KEYS = ("ncc_accuracy", "ncc_err", "diff_class_nonlinearity")
+LAYER_OTHER_KEYS = ("ncc_accuracy", "ncc_err", "diff_class_nonlinearity", "diff_class_chord_nonlinearity")
 
 
 @dataclass(frozen=True)
@@ -106,7 +119,9 @@ def _geometry(key: str) -> Callable[[dict], Optional[float]]:
 
 
 def _ufm(key: str) -> Callable[[dict], Optional[float]]:
-    return lambda record: ((record.get("mixup_geometry") or {}).get("ufm") or {}).get(key)
+    prefix, _, name = key.rpartition(":")
+    entry = UFM_FITS[f"{prefix}:" if prefix else ""]
+    return lambda record: ((record.get("mixup_geometry") or {}).get(entry) or {}).get(name)
 
 
 def _layer_nc(stage: str, key: str) -> Callable[[dict], Optional[float]]:

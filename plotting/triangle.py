@@ -128,7 +128,9 @@ def _geometry_note(run: Run, epoch: int) -> str:
     align, nonlin = geometry.get("same_class_alignment"), geometry.get("diff_class_nonlinearity")
     if align is None or nonlin is None:
         return ""
-    return f"\nalignment {align:.2f} · non-linearity {nonlin:.2f}"
+    chord = geometry.get("diff_class_chord_nonlinearity")
+    chord_note = "" if chord is None else f" (chord {chord:.2f})"
+    return f"\nalignment {align:.2f} · non-linearity {nonlin:.2f}{chord_note}"
 
 
 def _draw_arrows(ax, directions: np.ndarray, length: float, labels: Sequence[str], colours) -> None:
@@ -185,15 +187,17 @@ def theory_note(fit: dict) -> str:
     if fit.get("nan_reason"):
         return f"\nno UFM curve: {fit['nan_reason']}"
     gamma = "" if fit.get("identifiable") else ", γ not identifiable"
-    return f"\nUFM residual {fit['residual']:.2f}{gamma}"
+    shape = fit.get("shape_residual")  # absent from pickles written before issue 20
+    parts = "" if shape is None else f" (shape {shape:.2f}, floor {fit['scatter_floor']:.2f})"
+    return f"\nUFM residual {fit['residual']:.2f}{parts}{gamma}"
 
 
-def draw_theory(ax, curves: dict, projection: np.ndarray) -> List[np.ndarray]:
-    """Each pair type's optimum over lambda, projected by the map of the centred features (the curves are
-    centred already); a same-class optimum does not depend on lambda and is one marker. Returns the points."""
+def draw_theory(ax, curves: dict, projection: np.ndarray, centre: np.ndarray) -> List[np.ndarray]:
+    """Each pair type's optimum over lambda, centred and projected as the features are (the curves model
+    the uncentred features); a same-class optimum does not depend on lambda and is one marker. Returns the points."""
     drawn = []
     for pair, curve in zip(curves["pairs"], np.asarray(curves["H"], dtype=np.float64)):
-        points = curve @ projection.T
+        points = (curve - centre) @ projection.T
         if pair[0] == pair[1]:
             ax.scatter(points[:1, 0], points[:1, 1], s=THEORY_MARKER_AREA, marker="D", color=THEORY_COLOUR,
                        edgecolors="white", linewidths=0.6, zorder=4)
@@ -221,7 +225,7 @@ def classifier_view(ax, panel: Panel, options: TriangleOptions) -> None:
         fit, curves = _ufm_fit(panel)
         note = theory_note(fit)
         if curves is not None and not fit.get("nan_reason"):
-            drawn += draw_theory(ax, curves, projection)
+            drawn += draw_theory(ax, curves, projection, centre)
     if options.samples:  # on top: they are the reference the mixup points are read against
         drawn += _draw_clean_samples(ax, payload, triple, project)
     _draw_arrows(ax, triangle_vertices(), _reach(np.concatenate(drawn)), [f"$w_{{{c}}}$" for c in triple],

@@ -131,13 +131,18 @@ def test_ufm_fit_of_every_feature_epoch_is_the_fit_of_the_pickled_features(etf_r
     for epoch in FEATURE_EPOCHS:
         features = load(os.path.join(etf_run, "features", f"epoch_{epoch:04d}.pkl"))
         mixup = features["mixup"]
-        mu = features["class_means"].mean(axis=0)
-        direct = ufm.fit(mixup["H"], _targets(mixup, 10), features["W"], features["b"], "cross_entropy", mu,
+        direct = ufm.fit(mixup["H"], _targets(mixup, 10), features["W"], features["b"], "cross_entropy",
                          same_class=mixup["y_a"] == mixup["y_b"], label_smoothing=0.0, mse_scale=1.0, focal_gamma=2.0)
         logged = records[epoch]["mixup_geometry"]["ufm"]
         assert logged == mixup["ufm"] and logged["nan_reason"] is None and logged["time_s"] > 0
-        for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share", "curve_gamma"):
+        for key in ("residual", "residual_same_class", "residual_diff_class", "scatter_floor", "shape_residual",
+                    "outside_share", "curve_gamma"):
             assert logged[key] == pytest.approx(direct.metrics[key], rel=1e-9), key
+        # the ETF benchmark: for a run whose classifier is a fixed simplex ETF, it is the run's own fit
+        benchmark = records[epoch]["mixup_geometry"]["ufm_etf"]
+        assert benchmark == mixup["ufm_etf"] and benchmark["nan_reason"] is None
+        for key in ("residual", "scatter_floor", "shape_residual", "gamma", "scale"):
+            assert benchmark[key] == pytest.approx(logged[key], rel=1e-6), key
         np.testing.assert_allclose(mixup["H_ufm"], direct.H_fit.numpy(), rtol=1e-5, atol=1e-6 * np.abs(mixup["H_ufm"]).max())
         curves = mixup["ufm_curves"]
         assert curves["pairs"] == [[2, 2], [5, 5], [7, 7], [2, 5], [2, 7], [5, 7]]

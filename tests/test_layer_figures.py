@@ -151,10 +151,12 @@ def test_stage_view_puts_the_class_means_on_the_vertices_and_their_interpolation
     assert "at stage hidden1 on the plane of the class means of classes 0,2,3" in " ".join(figure.get_suptitle().split())
 
 
-def test_theory_curves_are_projected_by_the_classifier_map_without_centring_again(tmp_path, make):
+def test_theory_curves_are_centred_and_projected_as_the_features_are(tmp_path, make):
+    """The curves model the features as the network computes them (ufm's one convention, uncentred): the
+    figure subtracts the same centre, the mean of the class means, from both (issue 20)."""
     rng = np.random.default_rng(5)
     W = rng.normal(size=(NUM_CLASSES, DIM))
-    means = rng.normal(size=(NUM_CLASSES, DIM)) + 50.0  # subtracting them again would move the curves far off
+    means = rng.normal(size=(NUM_CLASSES, DIM)) + 50.0  # a curve left uncentred would sit far off
     y_a, y_b, lam = planted_mixup(TRIPLE, np.linspace(0, 1, 3))
     curves = {"lambdas": np.linspace(0, 1, 51), "pairs": [[0, 0], [2, 2], [3, 3], [0, 2], [0, 3], [2, 3]],
               "H": rng.normal(size=(6, 51, DIM)).astype(np.float32)}
@@ -166,7 +168,7 @@ def test_theory_curves_are_projected_by_the_classifier_map_without_centring_agai
     figure = make.figure(["representations", folder, "--theory", "--out", tmp_path / "t.png", "--dpi", 40])
     ax = visible_axes(figure)[0]
     projection = plane_map(W[list(TRIPLE)])
-    projected = curves["H"].astype(np.float64) @ projection.T  # (6, 51, 2)
+    projected = (curves["H"].astype(np.float64) - means.mean(axis=0)) @ projection.T  # (6, 51, 2)
     lines = ax.get_lines()
     assert len(lines) == 3 and all(to_hex(line.get_color()) == to_hex((THEORY_GREY,) * 3) for line in lines)
     for line, curve in zip(lines, projected[3:]):  # different-class pair types: a curve over lambda
@@ -240,8 +242,8 @@ def test_layer_features_is_the_class_means_projection_of_the_last_layer(runs, tm
 
 
 def test_theory_curves_pass_through_the_fitted_points(runs, tmp_path, make):
-    """The run's s H* of a mixup point is the curve of its pair type at its lambda: both live in the
-    coordinates of P(H - mu), so the figure maps both by the same map."""
+    """The run's s H* of a mixup point is the curve of its pair type at its lambda: both model the
+    uncentred features, so the figure centres and maps both as it does the features."""
     payload = features(runs / "ce", EPOCHS)
     mixup = payload["mixup"]
     curves = mixup["ufm_curves"]
@@ -250,13 +252,14 @@ def test_theory_curves_pass_through_the_fitted_points(runs, tmp_path, make):
     ax = visible_axes(figure)[0]
     triple = list(mixup["triple"])
     projection = plane_map(payload["W"].astype(np.float64)[triple])
+    centre = payload["class_means"].astype(np.float64).mean(axis=0)
     lines = ax.get_lines()
     for line, pair, curve in zip(lines, curves["pairs"][3:], curves["H"][3:]):
-        np.testing.assert_allclose(line.get_xydata(), curve.astype(np.float64) @ projection.T, rtol=1e-6,
-                                   atol=1e-6)
+        np.testing.assert_allclose(line.get_xydata(), (curve.astype(np.float64) - centre) @ projection.T,
+                                   rtol=1e-6, atol=1e-6)
         rows = np.flatnonzero((mixup["y_a"] == pair[0]) & (mixup["y_b"] == pair[1]))
         on_grid = np.rint(mixup["lam"][rows] * 50).astype(int)
-        fitted = mixup["H_ufm"][rows].astype(np.float64) @ projection.T
+        fitted = (mixup["H_ufm"][rows].astype(np.float64) - centre) @ projection.T
         np.testing.assert_allclose(line.get_xydata()[on_grid], fitted, rtol=1e-4, atol=1e-4 * np.abs(fitted).max())
     fit = load_run(str(runs / "ce")).record_at(EPOCHS)["mixup_geometry"]["ufm"]
     assert f"UFM residual {fit['residual']:.2f}" in ax.get_title()
@@ -294,15 +297,15 @@ def nc_layers(run, epoch, key):
 def test_layers_draws_one_line_per_epoch_against_the_stages(runs, tmp_path, make):
     figure = make.figure(["layers", runs / "ce", runs / "mse_manifold", "--epochs", f"0,{EPOCHS}",
                           "--out", tmp_path / "l.png", "--dpi", 40])
-    axes = np.array(visible_axes(figure)).reshape(2, 3)
+    axes = np.array(visible_axes(figure)).reshape(2, 4)
     colours = epoch_colours([0, EPOCHS])
     for row_axes, name in zip(axes, ("ce", "mse_manifold")):
         run = load_run(str(runs / name))
         for ax in row_axes:
             assert [t.get_text() for t in ax.get_xticklabels()] == STAGES
-        nc1_ax, ncc_ax, nonlinearity_ax = row_axes
+        nc1_ax, ncc_ax, nonlinearity_ax, chord_ax = row_axes
         assert nc1_ax.get_yscale() == "log" and ncc_ax.get_yscale() == "log"
-        assert nonlinearity_ax.get_yscale() == "linear"
+        assert nonlinearity_ax.get_yscale() == "linear" and chord_ax.get_yscale() == "linear"
         solid = [[line for line in ax.get_lines() if line.get_linestyle() == "-"] for ax in row_axes]
         for epoch, line in zip((0, EPOCHS), solid[0]):
             assert to_hex(line.get_color()) == colours[epoch]
@@ -318,8 +321,12 @@ def test_layers_draws_one_line_per_epoch_against_the_stages(runs, tmp_path, make
             geometry = run.record_at(epoch)["mixup_geometry"]["layers"]
             np.testing.assert_allclose(line.get_ydata(), [geometry[s]["diff_class_nonlinearity"] for s in STAGES],
                                        rtol=1e-12)
+        for epoch, line in zip((0, EPOCHS), solid[3]):  # the chord measure at each stage
+            geometry = run.record_at(epoch)["mixup_geometry"]["layers"]
+            chord = [geometry[s]["diff_class_chord_nonlinearity"] for s in STAGES]
+            np.testing.assert_allclose(line.get_ydata(), chord, rtol=1e-12)
     # manifold mixup (random: input, hidden1, hidden2) marks its two stages in every panel of its row
-    for ax, row in zip(axes.flatten(), [0] * 3 + [1] * 3):
+    for ax, row in zip(axes.flatten(), [0] * 4 + [1] * 4):
         dotted = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == ":"
                   and np.ptp(line.get_xdata()) == 0]
         assert dotted == ([] if row == 0 else [0, 1])

@@ -285,14 +285,14 @@ def test_cross_entropy_with_simplex_etf_and_one_hot_target_is_a_multiple_of_the_
 # ---------------------------------------------------------------- the fit
 
 def planted(loss_name, W, b, T, gamma, scale, outside_noise, seed, **options):
-    """(H, mu, noise): mu + scale H*(gamma) + noise with the noise outside the row space of W."""
+    """(H, noise, signal): scale H*(gamma) + noise with the noise outside the row space of W (uncentred:
+    the UFM's features, see ufm's "One convention")."""
     d = W.shape[1]
     g = torch.Generator().manual_seed(seed)
-    mu = torch.randn(d, generator=g, dtype=torch.float64)
     noise = torch.randn(T.shape[0], d, generator=g, dtype=torch.float64) @ torch.tensor(null_projector(W))
     H_star = ufm.optimal_features(W, b, T, loss_name, gamma, **options)
     noise = noise * outside_noise * H_star.norm() / noise.norm()
-    return mu + scale * H_star + noise, mu, noise, scale * H_star
+    return scale * H_star + noise, noise, scale * H_star
 
 
 @pytest.mark.parametrize("loss_name, options, relative_gamma", [
@@ -305,8 +305,8 @@ def test_fit_recovers_a_planted_scale_and_gamma(loss_name, options, relative_gam
     W, b = random_classifier(4, 10, seed=13, bias=0.2)
     T = mixup_targets(4, lambdas=np.linspace(0, 1, 6), repeats=2)
     gamma = relative_gamma * spectral_sq(W)
-    H, mu, noise, signal = planted(loss_name, W, b, T, gamma, 3.0, 0.5, seed=14, **options)
-    metrics, H_fit = ufm.fit(H, T, W, b, loss_name, mu, **options)
+    H, noise, signal = planted(loss_name, W, b, T, gamma, 3.0, 0.5, seed=14, **options)
+    metrics, H_fit = ufm.fit(H, T, W, b, loss_name, **options)
     assert metrics["identifiable"] and not metrics["gamma_at_bound"]
     assert metrics["gamma"] == pytest.approx(gamma, rel=0.02)
     assert metrics["scale"] == pytest.approx(3.0, rel=0.02)
@@ -319,13 +319,13 @@ def test_fit_recovers_a_planted_scale_and_gamma(loss_name, options, relative_gam
 
 @pytest.mark.parametrize("scale", [1e-7, 1e7])
 def test_fit_recovers_gamma_from_features_of_any_size(scale):
-    """The refinement's flatness test is relative to |P(H - mu)|^2: features of size 1e-7 (|P(H-mu)|^2
+    """The refinement's flatness test is relative to |P H|^2: features of size 1e-7 (|P H|^2
     ~ 1e-13) or 1e7 are refined as those of size 1."""
     W, b = random_classifier(4, 10, seed=13, bias=0.2)
     T = mixup_targets(4, lambdas=np.linspace(0, 1, 6))
     gamma = 0.02 * spectral_sq(W)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, scale, 0.5, seed=14)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, scale, 0.5, seed=14)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy")
     assert metrics["gamma"] == pytest.approx(gamma, rel=0.02) and metrics["scale"] == pytest.approx(scale, rel=0.02)
 
 
@@ -334,19 +334,19 @@ def test_fit_residuals_are_those_of_the_returned_fit():
     W, b = random_classifier(4, 10, seed=15, bias=0.2)
     T = mixup_targets(4, lambdas=np.linspace(0, 1, 5), repeats=3)
     g = torch.Generator().manual_seed(16)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=16)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=16)
     H = H + 0.3 * torch.randn(H.shape, generator=g, dtype=torch.float64)  # also inside the row space
     same = torch.tensor([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in range(5 * 3)])
-    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same)
+    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", same_class=same)
     H_star = ufm.optimal_features(W, b, T, "cross_entropy", metrics["gamma"])
     np.testing.assert_allclose(H_fit, metrics["scale"] * H_star, rtol=1e-9, atol=1e-12)
-    inside = (H - mu).numpy() @ (np.eye(10) - null_projector(W))
+    inside = H.numpy() @ (np.eye(10) - null_projector(W))
     for key, mask in (("residual", np.ones(len(T), bool)), ("residual_same_class", same.numpy()),
                       ("residual_diff_class", ~same.numpy())):
         expected = np.linalg.norm(inside[mask] - H_fit.numpy()[mask]) / np.linalg.norm(inside[mask])
         assert metrics[key] == pytest.approx(expected, rel=1e-9)
     # by default, one-hot targets count as same-class: different-class pairs at lam 0 and 1 too
-    default, default_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    default, default_fit = ufm.fit(H, T, W, b, "cross_entropy")
     one_hot = (T.numpy() != 0).sum(axis=1) == 1
     expected = np.linalg.norm(inside[one_hot] - default_fit.numpy()[one_hot]) / np.linalg.norm(inside[one_hot])
     assert default["residual_same_class"] == pytest.approx(expected, rel=1e-9)
@@ -355,11 +355,11 @@ def test_fit_residuals_are_those_of_the_returned_fit():
 def test_fit_least_squares_scale_is_optimal_for_its_gamma():
     W, b = random_classifier(4, 10, seed=17)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.0, seed=18)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.0, seed=18)
     H = H + 0.5 * torch.randn(H.shape, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy")
     H_star = ufm.optimal_features(W, b, T, "cross_entropy", metrics["gamma"]).numpy()
-    inside = (H - mu).numpy() @ (np.eye(10) - null_projector(W))
+    inside = H.numpy() @ (np.eye(10) - null_projector(W))
     assert metrics["scale"] == pytest.approx(np.sum(inside * H_star) / np.sum(H_star ** 2), rel=1e-9)
 
 
@@ -368,12 +368,11 @@ def test_fit_is_not_identifiable_for_mse_with_a_simplex_etf_and_no_bias():
     C = 4
     W = simplex_etf(C, 7, torch.Generator().manual_seed(20))
     T = mixup_targets(C)
-    mu = torch.ones(7, dtype=torch.float64)
-    H = mu + 5.0 * (T - 1.0 / C) @ W
-    metrics, H_fit = ufm.fit(H, T, W, None, "mse", mu)
+    H = 5.0 * (T - 1.0 / C) @ W
+    metrics, H_fit = ufm.fit(H, T, W, None, "mse")
     assert metrics["identifiable"] is False and metrics["gamma"] is None and metrics["scale"] is None
     assert metrics["residual"] < 1e-12 and metrics["residual_gamma_spread"] < 1e-12
-    np.testing.assert_allclose(H_fit, H - mu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(H_fit, H, rtol=0, atol=1e-12)
     curve = ufm.theory_curve(W, None, (0, 1), LAMBDAS, "mse", metrics["curve_gamma"], metrics["curve_scale"])
     np.testing.assert_allclose(curve, 5.0 * (mixup_targets(C)[18:24] - 1.0 / C) @ W, rtol=0, atol=1e-12)
 
@@ -381,21 +380,20 @@ def test_fit_is_not_identifiable_for_mse_with_a_simplex_etf_and_no_bias():
 def test_fit_flags_a_gamma_at_the_end_of_the_search_range():
     W, b = random_classifier(4, 10, seed=21)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 1e-3 * spectral_sq(W), 1.0, 0.0, seed=22)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=(1e-1, 1e3))
+    H, _, _ = planted("cross_entropy", W, b, T, 1e-3 * spectral_sq(W), 1.0, 0.0, seed=22)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=(1e-1, 1e3))
     assert metrics["gamma_at_bound"] and metrics["identifiable"]
     assert metrics["gamma"] == pytest.approx(0.1 * spectral_sq(W), rel=0.05)
     assert metrics["gamma_range"] == pytest.approx([0.1 * spectral_sq(W), 1e3 * spectral_sq(W)])
 
 
-@pytest.mark.parametrize("name", ["H", "mu", "W", "b", "T"])
+@pytest.mark.parametrize("name", ["H", "W", "b", "T"])
 def test_fit_reports_non_finite_input_as_nan_with_a_reason(name):
     W, b = random_classifier(4, 10, seed=23)
-    inputs = {"H": torch.zeros(24, 10, dtype=torch.float64), "mu": torch.zeros(10, dtype=torch.float64),
-              "W": W, "b": b, "T": mixup_targets(4, repeats=1)[:24]}
+    inputs = {"H": torch.zeros(24, 10, dtype=torch.float64), "W": W, "b": b, "T": mixup_targets(4, repeats=1)[:24]}
     inputs[name] = inputs[name].clone()
     inputs[name].view(-1)[3] = math.inf if name == "T" else math.nan
-    metrics, H_fit = ufm.fit(inputs["H"], inputs["T"], inputs["W"], inputs["b"], "cross_entropy", inputs["mu"])
+    metrics, H_fit = ufm.fit(inputs["H"], inputs["T"], inputs["W"], inputs["b"], "cross_entropy")
     assert metrics["gamma"] is None and math.isnan(metrics["residual"])
     assert metrics["nan_reason"] == f"{name} is not finite"
     assert torch.isnan(H_fit).all()
@@ -411,8 +409,8 @@ def test_no_targets_give_no_features(loss_name):
 def test_a_fit_with_numbers_has_no_nan_reason():
     W, b = random_classifier(4, 10, seed=24)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy")
     assert set(metrics) == set(ufm.unfitted_metrics("")) and metrics["nan_reason"] is None
 
 
@@ -420,10 +418,10 @@ def test_fit_works_under_inference_mode_and_with_float32_numpy_input():
     """The feature capture runs under torch.inference_mode and holds float32 features."""
     W, b = random_classifier(4, 10, seed=24)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
-    expected, _ = ufm.fit(H.float().numpy(), T.float(), W.float(), b.float(), "cross_entropy", mu.float())
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=25)
+    expected, _ = ufm.fit(H.float().numpy(), T.float(), W.float(), b.float(), "cross_entropy")
     with torch.inference_mode():
-        got, H_fit = ufm.fit(H.float(), T.float(), W.float(), b.float(), "cross_entropy", mu.float())
+        got, H_fit = ufm.fit(H.float(), T.float(), W.float(), b.float(), "cross_entropy")
     assert got == expected and H_fit.dtype == torch.float64
     assert got["gamma"] == pytest.approx(0.05 * spectral_sq(W), rel=0.02)  # float32 features: close, not exact
 
@@ -459,13 +457,13 @@ NAN_W = torch.tensor([[math.nan] * 7] + [[1.0] * 7] * 3, dtype=torch.float64)
     (lambda W, T: ufm.optimal_features(0 * W, None, T, "mse", 1.0), "W is zero: the optimum is h = 0 for every target"),
     (lambda W, T: ufm.newton_features(W, None, T, "mae", 1.0),
      "mae is not differentiable: its optimum comes from the active-set method, not Newton"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 6), T, W, None, "mse", torch.zeros(7)),
-     "H must be (n, d) = (36, 7) and mu (d,), got (36, 6) and (7,)"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), same_class=[True]),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 6), T, W, None, "mse"),
+     "H must be (n, d) = (36, 7), got (36, 6)"),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", same_class=[True]),
      "same_class must be (36,), got (1,)"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(1, 1)),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", gamma_range=(1, 1)),
      "gamma_range must be 0 < low < high < inf, got (1, 1)"),
-    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", torch.zeros(7), gamma_range=(0, 1)),
+    (lambda W, T: ufm.fit(torch.zeros(len(T), 7), T, W, None, "mse", gamma_range=(0, 1)),
      "gamma_range must be 0 < low < high < inf, got (0, 1)"),
 ])
 def test_bad_input_is_a_clear_value_error(call, message):
@@ -486,13 +484,13 @@ def test_no_tensor_is_made_on_the_default_device():
     T = mixup_targets(5)
     gamma = 0.05 * spectral_sq(W)
     expected = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.2, seed=29)
-    fitted, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.2, seed=29)
+    fitted, _ = ufm.fit(H, T, W, b, "cross_entropy")
     with torch.device(DEFAULT_ELSEWHERE):
         # b=None: zeros made on W's device
         got = {loss: ufm.optimal_features(W, None, T, loss, gamma) for loss in ALL_LOSSES}
         curve = ufm.theory_curve(W, None, (0, 1), LAMBDAS, "cross_entropy", gamma, 2.0)
-        metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+        metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy")
         newton = ufm.newton_features(W, None, T, "cross_entropy", gamma)  # its start h = 0 on W's device
     torch.testing.assert_close(newton, expected["cross_entropy"], rtol=0, atol=1e-10 * float(newton.abs().max()))
     for loss in ALL_LOSSES:
@@ -506,40 +504,40 @@ def test_bfloat16_features_are_accepted():
     """Features from a bf16 measurement pass (a dtype numpy has not): exactly their float64 values."""
     W, b = random_classifier(4, 10, seed=30)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=31)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.2, seed=31)
     H16 = H.bfloat16()
-    expected, expected_fit = ufm.fit(H16.double(), T, W, b, "cross_entropy", mu)
-    got, H_fit = ufm.fit(H16, T, W, b, "cross_entropy", mu)
+    expected, expected_fit = ufm.fit(H16.double(), T, W, b, "cross_entropy")
+    got, H_fit = ufm.fit(H16, T, W, b, "cross_entropy")
     assert got == expected and torch.equal(H_fit, expected_fit)
 
 
 def test_same_class_may_be_given_as_zeros_and_ones():
     W, b = random_classifier(4, 10, seed=32)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=33)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=33)
     same = np.array([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
-    as_bool, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=torch.from_numpy(same))
-    as_int, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same.astype(np.int64))
+    as_bool, _ = ufm.fit(H, T, W, b, "cross_entropy", same_class=torch.from_numpy(same))
+    as_int, _ = ufm.fit(H, T, W, b, "cross_entropy", same_class=same.astype(np.int64))
     assert as_int == as_bool and as_bool["residual_same_class"] != as_bool["residual_diff_class"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_classifier_with_the_rest_on_the_cpu():
-    """Everything follows W's device: targets, bias, features, mu, same_class and lambdas given on
+    """Everything follows W's device: targets, bias, features, same_class and lambdas given on
     the CPU (tensors or numpy) are moved to it, and the results live there."""
     W, b = random_classifier(4, 10, seed=34)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=35)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2.0, 0.3, seed=35)
     same = torch.tensor([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
-    expected, expected_fit = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same)
+    expected, expected_fit = ufm.fit(H, T, W, b, "cross_entropy", same_class=same)
     for loss in ALL_LOSSES:
         got = ufm.optimal_features(W.cuda(), b, T.numpy(), loss, 0.3)
         assert got.is_cuda
         torch.testing.assert_close(got.cpu(), ufm.optimal_features(W, b, T, loss, 0.3), rtol=1e-9, atol=1e-12)
-    # The GPU's rounding may move the refinement within its tolerance (LOG_GAMMA_XATOL, 1 %).
+    # The GPU's rounding may move the refinement by more than its tolerance (LOG_GAMMA_XATOL): 0.1 %.
     for mask in (same, same.cuda()):  # the mask on the CPU or already on W's device
-        metrics, H_fit = ufm.fit(H.numpy(), T, W.cuda(), b.numpy(), "cross_entropy", mu, same_class=mask)
-        assert H_fit.is_cuda and metrics["gamma"] == pytest.approx(expected["gamma"], rel=ufm.LOG_GAMMA_XATOL)
+        metrics, H_fit = ufm.fit(H.numpy(), T, W.cuda(), b.numpy(), "cross_entropy", same_class=mask)
+        assert H_fit.is_cuda and metrics["gamma"] == pytest.approx(expected["gamma"], rel=1e-3)
         for key in ("residual", "residual_same_class", "residual_diff_class", "outside_share"):
             assert metrics[key] == pytest.approx(expected[key], rel=1e-3), key
         torch.testing.assert_close(H_fit.cpu(), expected_fit, rtol=1e-2, atol=1e-6)
@@ -743,9 +741,9 @@ def test_focal_with_a_softmax_saturated_at_the_start():
 
 # ---------------------------------------------------------------- the fit's search and its numbers
 
-def grid_residuals(H, mu, W, b, T, loss_name, gammas, **options):
-    """(|P(H-mu) - s_k H*_k|_F, s_k) at each gamma_k, s_k = max(0, <P(H-mu), H*_k>) / |H*_k|^2, by numpy."""
-    inside = (np.asarray(H) - np.asarray(mu)) @ (np.eye(W.shape[1]) - null_projector(W))
+def grid_residuals(H, W, b, T, loss_name, gammas, **options):
+    """(|PH - s_k H*_k|_F, s_k) at each gamma_k, s_k = max(0, <PH, H*_k>) / |H*_k|^2, by numpy."""
+    inside = np.asarray(H) @ (np.eye(W.shape[1]) - null_projector(W))
     out = []
     for gamma in gammas:
         H_star = ufm.optimal_features(W, b, T, loss_name, gamma, **options).numpy()
@@ -763,9 +761,9 @@ def test_residual_gamma_spread_is_over_the_documented_grid(gamma_range, exponent
     W, b = random_classifier(4, 10, seed=45, bias=0.2)
     T = mixup_targets(4)
     gamma = 0.1 * spectral_sq(W)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=46)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=gamma_range)
-    residuals, norm = grid_residuals(H, mu, W, b, T, "cross_entropy", [10.0 ** e * spectral_sq(W) for e in exponents])
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=46)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=gamma_range)
+    residuals, norm = grid_residuals(H, W, b, T, "cross_entropy", [10.0 ** e * spectral_sq(W) for e in exponents])
     spread = (max(r for r, _ in residuals) - min(r for r, _ in residuals)) / norm
     assert spread > 1e-4 and metrics["residual_gamma_spread"] == pytest.approx(spread, rel=1e-6)
     assert metrics["identifiable"] and metrics["gamma"] == pytest.approx(gamma, rel=0.02)
@@ -781,11 +779,11 @@ def test_fit_refines_between_the_best_grid_point_and_its_neighbour(relative_gamm
     W, b = random_classifier(4, 10, seed=48, bias=0.2)
     T = mixup_targets(4)
     gamma = relative_gamma * spectral_sq(W)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=49)
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=49)
     grid = [10.0 ** e * spectral_sq(W) for e in np.linspace(math.log10(gamma_range[1]), math.log10(gamma_range[0]), 3)]
-    residuals, _ = grid_residuals(H, mu, W, b, T, "cross_entropy", grid)
+    residuals, _ = grid_residuals(H, W, b, T, "cross_entropy", grid)
     assert int(np.argmin([r for r, _ in residuals])) == best  # the case this test is about
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=gamma_range)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=gamma_range)
     assert metrics["identifiable"] and not metrics["gamma_at_bound"]
     assert metrics["gamma"] == pytest.approx(gamma, rel=0.02) and metrics["scale"] == pytest.approx(2.0, rel=0.02)
 
@@ -793,8 +791,8 @@ def test_fit_refines_between_the_best_grid_point_and_its_neighbour(relative_gamm
 def test_fit_flags_a_gamma_at_the_top_of_the_search_range():
     W, b = random_classifier(4, 10, seed=21)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 1.0 * spectral_sq(W), 1.0, 0.0, seed=22)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=(1e-3, 1e-1))
+    H, _, _ = planted("cross_entropy", W, b, T, 1.0 * spectral_sq(W), 1.0, 0.0, seed=22)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=(1e-3, 1e-1))
     assert metrics["gamma_at_bound"] and metrics["identifiable"]
     assert metrics["gamma"] == pytest.approx(0.1 * spectral_sq(W), rel=0.05)
 
@@ -805,23 +803,23 @@ def test_fit_with_fewer_distinct_targets_than_classes():
     lam = np.array([0.0, 0.3, 0.3, 0.7, 1.0, 1.0, 1.0])[:, None]
     T = torch.tensor(lam * np.eye(6)[0] + (1 - lam) * np.eye(6)[1])
     gamma = 0.1 * spectral_sq(W)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=51)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.5, seed=51)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy")
     assert metrics["identifiable"] and metrics["gamma"] == pytest.approx(gamma, rel=0.02)
     assert metrics["scale"] == pytest.approx(2.0, rel=0.02) and metrics["residual"] < 1e-3
 
 
 def test_fit_residuals_of_small_features_and_of_a_group_without_features():
     """Residuals are relative: features of norm 1e-3 give the numpy residuals of their fit; a group
-    whose features are all at mu has no residual to speak of (NaN), the rest are unaffected."""
+    whose features are all zero has no residual to speak of (NaN), the rest are unaffected."""
     W, b = random_classifier(4, 10, seed=52, bias=0.2)
     T = mixup_targets(4)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2e-3, 0.3, seed=53)
+    H, _, _ = planted("cross_entropy", W, b, T, 0.05 * spectral_sq(W), 2e-3, 0.3, seed=53)
     H = H + 1e-4 * torch.randn(H.shape, generator=torch.Generator().manual_seed(54), dtype=torch.float64)
     same = torch.tensor([a == c for a, c in triple_pair_types((0, 1, 2)) for _ in LAMBDAS])
-    H[same] = mu  # same-class points exactly at the global mean
-    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu, same_class=same)
-    inside = (H - mu).numpy() @ (np.eye(10) - null_projector(W))
+    H[same] = 0.0  # same-class points exactly at the origin
+    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", same_class=same)
+    inside = H.numpy() @ (np.eye(10) - null_projector(W))
     assert float(np.sum(inside ** 2)) < 1e-4
     for key, mask in (("residual", np.ones(len(T), bool)), ("residual_diff_class", ~same.numpy())):
         expected = np.linalg.norm(inside[mask] - H_fit.numpy()[mask]) / np.linalg.norm(inside[mask])
@@ -829,36 +827,47 @@ def test_fit_residuals_of_small_features_and_of_a_group_without_features():
     assert math.isnan(metrics["residual_same_class"])
 
 
+ZERO_OPTIMUM_REASON = "the optimum is h = 0 for every target at every gamma"
+
+
 def test_fit_to_an_optimum_that_is_zero_at_every_gamma():
-    """mse with b = kappa t for the one target: h* = 0 whatever gamma. No multiple of it explains
-    the features: s = 0, residual 1, and no gamma can be told from another."""
+    """mse with b = kappa t for the one target: h* = 0 whatever gamma. There is no shape to fit: NaN
+    numbers with the reason (issue 20: this used to read as a residual of 1 with no reason)."""
     W, _ = random_classifier(4, 10, seed=55)
     T = torch.eye(4, dtype=torch.float64)[[0] * 6]
     b = 2.0 * T[0]
     H = torch.randn(6, 10, generator=torch.Generator().manual_seed(56), dtype=torch.float64)
-    mu = torch.zeros(10, dtype=torch.float64)
-    metrics, H_fit = ufm.fit(H, T, W, b, "mse", mu, mse_scale=2.0)
-    assert metrics["identifiable"] is False and metrics["gamma"] is None and metrics["scale"] is None
-    assert metrics["residual"] == 1.0 and metrics["residual_gamma_spread"] == 0.0
-    assert metrics["curve_scale"] == 0.0 and torch.equal(H_fit, torch.zeros_like(H))
+    metrics, H_fit = ufm.fit(H, T, W, b, "mse", mse_scale=2.0)
+    assert metrics["nan_reason"].startswith(ZERO_OPTIMUM_REASON)
+    assert metrics["gamma"] is None and math.isnan(metrics["residual"]) and torch.isnan(H_fit).all()
+
+
+def test_mae_with_a_zero_sum_classifier_and_no_bias_has_a_zero_optimum():
+    """A simplex ETF's rows sum to zero: with no bias, u = -1 gives W^T u = 0 and mae's optimum is
+    h = 0 for every target (issue 20's --loss mae --etf-classifier): NaN with the reason."""
+    W = simplex_etf(5, 8, torch.Generator().manual_seed(57))
+    T = mixup_targets(5)
+    H = torch.randn(len(T), 8, generator=torch.Generator().manual_seed(58), dtype=torch.float64)
+    assert ufm.optimal_features(W, None, T, "mae", 0.3).abs().max() < 1e-12
+    metrics, _ = ufm.fit(H, T, W, None, "mae")
+    assert metrics["nan_reason"].startswith(ZERO_OPTIMUM_REASON)
 
 
 @pytest.mark.parametrize("case", ["non-finite", "outside the row space"])
 def test_fit_without_numbers_returns_every_key_as_nan_or_none(case):
     W, b = random_classifier(4, 10, seed=23)
     T = mixup_targets(4)
-    mu = torch.ones(10, dtype=torch.float64)
-    H = mu.repeat(len(T), 1)  # every feature at mu: nothing in the row space of W
+    H = torch.zeros(len(T), 10, dtype=torch.float64)  # nothing in the row space of W
     if case == "non-finite":
         H[3, 2] = math.nan
-    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy", mu)
+    metrics, H_fit = ufm.fit(H, T, W, b, "cross_entropy")
     reason, gamma_range = {
         "non-finite": ("H is not finite", [math.nan, math.nan]),
         "outside the row space": ("the features have no component in the row space of W",
                                   [1e-8 * spectral_sq(W), 1e4 * spectral_sq(W)]),
     }[case]
     assert set(metrics) == {"gamma", "scale", "identifiable", "gamma_at_bound", "residual", "residual_same_class",
-                            "residual_diff_class", "outside_share", "residual_gamma_spread", "curve_gamma",
+                            "residual_diff_class", "scatter_floor", "shape_residual", "outside_share", "residual_gamma_spread", "curve_gamma",
                             "curve_scale", "gamma_range", "nan_reason"}
     assert metrics["gamma"] is None and metrics["scale"] is None and metrics["nan_reason"] == reason
     assert metrics["identifiable"] is False and metrics["gamma_at_bound"] is False
@@ -875,7 +884,7 @@ def test_unfitted_metrics_are_those_of_a_fit_without_numbers_with_the_reason():
     W, b = random_classifier(4, 10, seed=23)
     T = mixup_targets(4)
     H = torch.full((len(T), 10), math.nan, dtype=torch.float64)
-    reference, _ = ufm.fit(H, T, W, b, "cross_entropy", torch.zeros(10, dtype=torch.float64))
+    reference, _ = ufm.fit(H, T, W, b, "cross_entropy")
     assert set(metrics) == set(reference) and metrics["nan_reason"] == "ufm: solver failed"
     assert metrics["gamma"] is None and metrics["scale"] is None
     assert metrics["identifiable"] is False and metrics["gamma_at_bound"] is False
@@ -892,8 +901,8 @@ def test_fit_flags_a_gamma_within_two_tolerances_of_an_end(offset, at_bound):
     T = mixup_targets(4)
     low = 1e-2
     gamma = low * spectral_sq(W) * math.exp(offset * ufm.LOG_GAMMA_XATOL)
-    H, mu, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=59)
-    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", mu, gamma_range=(low, 1.0))
+    H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=59)
+    metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=(low, 1.0))
     assert metrics["gamma"] == pytest.approx(gamma, rel=0.1 * ufm.LOG_GAMMA_XATOL)
     assert metrics["gamma_at_bound"] is at_bound
 

@@ -64,10 +64,10 @@ def test_the_grid_one_gamma_after_another_gives_the_same_fit(monkeypatch, loss_n
     """Large problems solve the grid sequentially from warm starts: the same optima, so the same fit."""
     W, b = random_classifier(5, 12, seed=2)
     T = mixup_targets(5, repeats=2)
-    H, mu = planted_features(loss_name, W, b, T, 0.02, seed=3)
-    batched, _ = ufm.fit(H, T, W, b, loss_name, mu)
+    H = planted_features(loss_name, W, b, T, 0.02, seed=3)
+    batched, _ = ufm.fit(H, T, W, b, loss_name)
     monkeypatch.setattr(ufm, "BATCH_ELEMENTS", 0)
-    sequential, _ = ufm.fit(H, T, W, b, loss_name, mu)
+    sequential, _ = ufm.fit(H, T, W, b, loss_name)
     assert sequential["gamma"] == pytest.approx(batched["gamma"], rel=1e-6)
     for key in ("residual", "residual_gamma_spread", "scale"):
         assert sequential[key] == pytest.approx(batched[key], rel=1e-8), key
@@ -124,18 +124,17 @@ def test_mae_tangent_is_that_of_the_clipped_target():
 
 
 def planted_features(loss_name, W, b, T, relative_gamma, seed, **options):
-    """(H, mu): mu + 2 H*(gamma) plus noise inside the row space and outside it."""
+    """2 H*(gamma) plus noise inside the row space and outside it (uncentred, as ufm.fit models)."""
     g = torch.Generator().manual_seed(seed)
     d = W.shape[1]
-    mu = torch.randn(d, generator=g, dtype=torch.float64)
     signal = 2.0 * ufm.optimal_features(W, b, T, loss_name, relative_gamma * spectral_sq(W), **options)
     noise = torch.randn(T.shape[0], d, generator=g, dtype=torch.float64)
-    return mu + signal + 0.3 * signal.norm() * noise / noise.norm(), mu
+    return signal + 0.3 * signal.norm() * noise / noise.norm()
 
 
-def direct_residual(W, b, T, H, mu, loss_name, gamma, **options):
-    """|P(H - mu) - s H*|^2 with s the least-squares scale >= 0, by numpy, row by row."""
-    Y = (np.asarray(H) - np.asarray(mu)) @ row_space_projector(W)
+def direct_residual(W, b, T, H, loss_name, gamma, **options):
+    """|PH - s H*|^2 with s the least-squares scale >= 0, by numpy, row by row."""
+    Y = np.asarray(H) @ row_space_projector(W)
     H_star = ufm.optimal_features(W, b, T, loss_name, gamma, **options).numpy()
     scale = max(float(np.sum(Y * H_star)), 0.0) / float(np.sum(H_star ** 2))
     return scale, float(np.sum((Y - scale * H_star) ** 2))
@@ -145,16 +144,16 @@ def direct_residual(W, b, T, H, mu, loss_name, gamma, **options):
 def test_points_hold_the_scale_residual_and_slope_of_the_direct_computation(loss_name):
     W, b = random_classifier(5, 9, seed=6)
     T = mixup_targets(5, repeats=3)
-    H, mu = planted_features(loss_name, W, b, T, 0.05, seed=7)
+    H = planted_features(loss_name, W, b, T, 0.05, seed=7)
     problem = ufm._problem(W, b, T, loss_name, {})
-    data = ufm._data(problem, H.clone(), mu)
+    data = ufm._data(problem, H.clone())
     gamma, step = 0.1 * spectral_sq(W), 1e-4
     point, = ufm._points(data, ufm._solve(problem, float64([gamma]), tangents=True))
-    scale, residual = direct_residual(W, b, T, H, mu, loss_name, gamma)
+    scale, residual = direct_residual(W, b, T, H, loss_name, gamma)
     assert point.scale == pytest.approx(scale, rel=1e-10)
     assert point.residual == pytest.approx(residual, rel=1e-10)
-    plus = direct_residual(W, b, T, H, mu, loss_name, gamma * math.exp(step))[1]
-    minus = direct_residual(W, b, T, H, mu, loss_name, gamma * math.exp(-step))[1]
+    plus = direct_residual(W, b, T, H, loss_name, gamma * math.exp(step))[1]
+    minus = direct_residual(W, b, T, H, loss_name, gamma * math.exp(-step))[1]
     assert point.slope == pytest.approx((plus - minus) / (2 * step), rel=1e-5)
 
 
@@ -170,18 +169,18 @@ def test_fitted_gamma_minimises_the_residual_to_the_documented_tolerance(loss_na
     and no worse than the planted gamma (no better minimum missed between grid points)."""
     W, b = random_classifier(5, 12, seed=8)
     T = mixup_targets(5, repeats=2)
-    H, mu = planted_features(loss_name, W, b, T, relative_gamma, seed=9, **options)
-    metrics, _ = ufm.fit(H, T, W, b, loss_name, mu, **options)
+    H = planted_features(loss_name, W, b, T, relative_gamma, seed=9, **options)
+    metrics, _ = ufm.fit(H, T, W, b, loss_name, **options)
     assert metrics["identifiable"] and not metrics["gamma_at_bound"]
     fitted = math.log(metrics["gamma"])
-    reference = minimize_scalar(lambda lg: direct_residual(W, b, T, H, mu, loss_name, math.exp(lg), **options)[1],
+    reference = minimize_scalar(lambda lg: direct_residual(W, b, T, H, loss_name, math.exp(lg), **options)[1],
                                 bounds=(fitted - 1.0, fitted + 1.0), method="bounded", options={"xatol": 1e-7}).x
     assert abs(fitted - reference) <= ufm.LOG_GAMMA_XATOL
-    best = direct_residual(W, b, T, H, mu, loss_name, math.exp(reference), **options)[1]
-    Y = (H - mu).numpy() @ row_space_projector(W)
+    best = direct_residual(W, b, T, H, loss_name, math.exp(reference), **options)[1]
+    Y = H.numpy() @ row_space_projector(W)
     # mae's residual has kinks in log gamma (pieces change): there gamma's error enters to first order
     assert metrics["residual"] ** 2 * np.sum(Y ** 2) == pytest.approx(best, rel=1e-5 if loss_name == "mae" else 1e-6)
-    at_planted = direct_residual(W, b, T, H, mu, loss_name, relative_gamma * spectral_sq(W), **options)[1]
+    at_planted = direct_residual(W, b, T, H, loss_name, relative_gamma * spectral_sq(W), **options)[1]
     assert best <= at_planted * (1 + 1e-6)
 
 
@@ -240,8 +239,8 @@ def refined(curve, grid, inside=1.0):
 
 def test_refinement_finds_the_minimum_whatever_the_grid_and_the_size_of_the_residual():
     """Parabolas with their minimum between the grid points -1 and 1 (symmetric about 0): at 0.9; and
-    at 2/3 scaled to 5e-13 with |P(H-mu)|^2 = 20, so that the first bracket's slope times width,
-    6.7e-13, is above the flatness threshold 64 eps |P(H-mu)|^2 = 2.8e-13 (the first level finds 2/3)."""
+    at 2/3 scaled to 5e-13 with |P H|^2 = 20, so that the first bracket's slope times width,
+    6.7e-13, is above the flatness threshold 64 eps |P H|^2 = 2.8e-13 (the first level finds 2/3)."""
     for minimum, scale, inside in ((0.9, 1.0, 1.0), (2 / 3, 5e-13, 20.0)):
         best = refined(lambda t: (scale * (t - minimum) ** 2, 2 * scale * (t - minimum)), [-1.0, 1.0], inside)
         assert best == pytest.approx(minimum, abs=ufm.LOG_GAMMA_XATOL)
@@ -293,12 +292,11 @@ def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
     W, b = random_classifier(5, 8, seed=10)
     T = mixup_targets(5)
     H = 3.0 * ufm.optimal_features(W, b, T, "mae", 1e-8 * spectral_sq(W))
-    mu = torch.zeros(8, dtype=torch.float64)
     solves = []
     original = ufm._Solutions.solve_between
     monkeypatch.setattr(ufm._Solutions, "solve_between",
                         lambda self, *args: solves.append(args) or original(self, *args))
-    metrics, _ = ufm.fit(H, T, W, b, "mae", mu)
+    metrics, _ = ufm.fit(H, T, W, b, "mae")
     assert metrics["residual"] < 1e-10 and solves == []
 
 
@@ -446,7 +444,7 @@ def test_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        ufm.fit(torch.randn(len(T), 6, dtype=torch.float64), T, W, b, "cross_entropy", torch.zeros(6))
+        ufm.fit(torch.randn(len(T), 6, dtype=torch.float64), T, W, b, "cross_entropy")
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

@@ -1,0 +1,166 @@
+"""ufm.fit recovers what is planted (issue 20): features made exactly from the UFM optimum, with a
+learned classifier and bias or a fixed simplex ETF and no bias, give back s and gamma with no
+residual; within-target noise gives its own floor and leaves the shape's residual at zero; and the
+nearest simplex ETF, the paper's benchmark classifier, is what orthogonal Procrustes says."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.linalg import orthogonal_procrustes
+
+import ufm
+from collapse_metrics import chord_nonlinearity, diff_class_nonlinearity, nearest_simplex_etf, simplex_etf
+from test_ufm import ALL_LOSSES, etf_classifier, mixup_targets, random_classifier, spectral_sq
+
+PLANTED_SCALE = 2.5
+RELATIVE_GAMMA = 0.3  # gamma = 0.3 s_max^2, issue 20's planted case
+C, D = 6, 10
+CLASSIFIERS = {
+    "learned": lambda: random_classifier(C, D, seed=3, bias=0.3),
+    "etf": lambda: etf_classifier(C, D, seed=3),
+}
+# With a simplex ETF and no bias, mse and smooth_l1's optimum keeps one shape for every gamma (only s H* is
+# identifiable), and mae's is h = 0 (the rows sum to zero): nothing to fit.
+NOT_IDENTIFIABLE = {("etf", "mse"), ("etf", "smooth_l1")}
+ZERO_OPTIMUM = {("etf", "mae")}
+
+
+def planted_case(kind, loss_name):
+    W, b = CLASSIFIERS[kind]()
+    T = mixup_targets(C, lambdas=np.linspace(0, 1, 6), repeats=3)
+    gamma = RELATIVE_GAMMA * spectral_sq(W)
+    return W, b, T, gamma, PLANTED_SCALE * ufm.optimal_features(W, b, T, loss_name, gamma)
+
+
+@pytest.mark.parametrize("kind", sorted(CLASSIFIERS))
+@pytest.mark.parametrize("loss_name", ALL_LOSSES)
+def test_an_exact_optimum_comes_back(kind, loss_name):
+    W, b, T, gamma, H = planted_case(kind, loss_name)
+    metrics, H_fit = ufm.fit(H, T, W, b, loss_name)
+    if (kind, loss_name) in ZERO_OPTIMUM:
+        assert metrics["nan_reason"].startswith("the optimum is h = 0 for every target")
+        return
+    assert metrics["nan_reason"] is None and metrics["residual"] < 1e-6
+    assert metrics["scatter_floor"] < 1e-12 and metrics["shape_residual"] < 1e-6
+    assert float((H_fit - H).norm() / H.norm()) < 1e-6
+    if (kind, loss_name) in NOT_IDENTIFIABLE:
+        assert metrics["identifiable"] is False and metrics["gamma"] is None
+        return
+    assert metrics["identifiable"] and not metrics["gamma_at_bound"]
+    assert metrics["gamma"] == pytest.approx(gamma, rel=1e-2)
+    assert metrics["scale"] == pytest.approx(PLANTED_SCALE, rel=1e-6)
+
+
+def row_space_basis(W):
+    """(r, d) orthonormal rows spanning the row space of W (a simplex ETF has rank C - 1)."""
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    return Vh[S > 1e-10 * S[0]]
+
+
+def within_target_noise(H, T, size, seed):
+    """Noise inside the row space whose mean over the rows of each target is zero, scaled to `size` |H|."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(H.shape, generator=g, dtype=torch.float64)
+    _, group = torch.unique(T, dim=0, return_inverse=True)
+    means = torch.zeros(int(group.max()) + 1, H.shape[1], dtype=torch.float64).index_add_(0, group, noise)
+    noise -= (means / torch.bincount(group).double()[:, None])[group]
+    return noise * size * H.norm() / noise.norm()
+
+
+@pytest.mark.parametrize("kind, loss_name", [("learned", "cross_entropy"), ("learned", "mse"),
+                                             ("learned", "mae"), ("etf", "focal")])
+def test_within_target_noise_sets_the_floor_and_leaves_the_shape(kind, loss_name):
+    """The planted optimum plus noise that averages to zero over each target's rows: the fit is the same
+    (the per-target means are the optimum's), the floor is the noise's share of |P H|, the shape's
+    residual stays at zero, and residual^2 = floor^2 + shape^2 (1 - floor^2)."""
+    W, b, T, gamma, H = planted_case(kind, loss_name)
+    row_space = row_space_basis(W)
+    noise = within_target_noise(H, T, 0.4, seed=5) @ row_space.T @ row_space
+    metrics, _ = ufm.fit(H + noise, T, W, b, loss_name)
+    floor = float(noise.norm() / (H + noise).norm())  # H and its noise both lie in the row space
+    assert metrics["scatter_floor"] == pytest.approx(floor, rel=1e-9)
+    assert metrics["shape_residual"] < 1e-6
+    assert metrics["residual"] == pytest.approx(floor, rel=1e-6)
+    assert metrics["gamma"] == pytest.approx(gamma, rel=1e-2)
+    identity = metrics["scatter_floor"] ** 2 + metrics["shape_residual"] ** 2 * (1 - metrics["scatter_floor"] ** 2)
+    assert metrics["residual"] ** 2 == pytest.approx(identity, rel=1e-9)
+
+
+def test_an_offset_is_part_of_the_features_the_optimum_must_explain():
+    """One convention (uncentred): a common offset inside the row space is not subtracted, so the optimum
+    plus an offset no longer fits exactly; outside the row space it is ignored as before."""
+    W, b, T, gamma, H = planted_case("learned", "cross_entropy")
+    row_space = row_space_basis(W)
+    offset = torch.randn(D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    inside = offset @ row_space.T @ row_space
+    outside = offset - inside
+    moved, _ = ufm.fit(H + 0.5 * H.norm(dim=1).mean() * inside / inside.norm(), T, W, b, "cross_entropy")
+    assert moved["shape_residual"] > 1e-2
+    ignored, _ = ufm.fit(H + outside, T, W, b, "cross_entropy")
+    assert ignored["residual"] < 1e-6 and ignored["outside_share"] > 0
+
+
+# ---------------------------------------------------------------- the benchmark classifier
+
+def test_nearest_simplex_etf_of_an_etf_is_itself():
+    W = 3.0 * simplex_etf(5, 9, torch.Generator().manual_seed(11))
+    torch.testing.assert_close(nearest_simplex_etf(W), W, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("C_, d", [(5, 9), (5, 4), (10, 10)])
+def test_nearest_simplex_etf_is_the_procrustes_rotation_of_a_standard_etf(C_, d):
+    """Against scipy's orthogonal_procrustes on the standard ETF padded to d columns: the same rows,
+    an ETF's Gram matrix, W's mean row norm; and no other rotation of the ETF lies nearer to W."""
+    W = torch.randn(C_, d, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    etf = nearest_simplex_etf(W).numpy()
+    standard = np.eye(C_) - 1.0 / C_
+    standard /= np.linalg.norm(standard, axis=1, keepdims=True)
+    padded = np.zeros((C_, max(C_, d)))
+    padded[:, :C_] = standard
+    target = np.zeros((C_, max(C_, d)))
+    target[:, :d] = W.numpy()
+    rotation, _ = orthogonal_procrustes(padded, target)
+    scale = float(W.norm(dim=1).mean())
+    reference = (padded @ rotation)[:, :d] * scale
+    if d >= C_:  # (with d = C - 1 the padded problem has other maximisers)
+        np.testing.assert_allclose(etf, reference, rtol=0, atol=1e-10)
+    gram = etf @ etf.T / scale ** 2
+    np.testing.assert_allclose(gram, C_ / (C_ - 1) * (np.eye(C_) - 1.0 / C_), rtol=0, atol=1e-10)
+    for seed in range(5):  # random rotations of the same ETF are no nearer
+        other = simplex_etf(C_, d, torch.Generator().manual_seed(seed)).numpy() * scale
+        assert np.linalg.norm(etf - W.numpy()) <= np.linalg.norm(other - W.numpy()) + 1e-12
+
+
+def test_nearest_simplex_etf_needs_room_for_the_simplex():
+    with pytest.raises(ValueError, match="needs 2 <= C <= d \\+ 1"):
+        nearest_simplex_etf(torch.randn(6, 4))
+
+
+# ---------------------------------------------------------------- the chord non-linearity
+
+def test_chord_nonlinearity_is_zero_for_linear_pairs_whatever_their_scatter():
+    """Clean ends scattered far from their class means, mixed points exactly on each pair's chord: the
+    chord measure is 0, the class-mean measure is not (issue 20: it reads within-class spread)."""
+    g = torch.Generator().manual_seed(13)
+    means = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    pairs, lambdas = 4, torch.linspace(0, 1, 5, dtype=torch.float64)
+    y_a, y_b = torch.zeros(pairs, dtype=torch.long), torch.ones(pairs, dtype=torch.long)
+    h_a = means[0] + 0.5 * torch.randn(pairs, 5, generator=g, dtype=torch.float64)
+    h_b = means[1] + 0.5 * torch.randn(pairs, 5, generator=g, dtype=torch.float64)
+    lam = lambdas.repeat_interleave(pairs)  # lambda-major, as feature_capture's grid
+    pair = torch.arange(pairs).repeat(len(lambdas))
+    H = lam[:, None] * h_a[pair] + (1 - lam[:, None]) * h_b[pair]
+    assert chord_nonlinearity(H, pair, lam) < 1e-15
+    assert diff_class_nonlinearity(H, y_a[pair], y_b[pair], lam, means) > 0.1
+    # bent by a known amount: each mixed point moved off its chord by 0.3 |h_a - h_b| (a direction orthogonal
+    # to the chord does not matter for the norm): the measure is 0.3
+    direction = torch.randn(pairs, 5, generator=g, dtype=torch.float64)
+    direction /= direction.norm(dim=1, keepdim=True)
+    mixed = (lam > 0) & (lam < 1)
+    bent = H.clone()
+    bent[mixed] += 0.3 * (h_a - h_b)[pair[mixed]].norm(dim=1, keepdim=True) * direction[pair[mixed]]
+    assert chord_nonlinearity(bent, pair, lam) == pytest.approx(0.3, rel=1e-12)
+    # no point left by the mask, or no pair with both ends: NaN
+    assert math.isnan(chord_nonlinearity(bent, pair, lam, mask=torch.zeros_like(mixed)))
+    assert math.isnan(chord_nonlinearity(bent[lam < 1], pair[lam < 1], lam[lam < 1]))
