@@ -47,6 +47,12 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports errors in one line on stderr (no usage block) and exits 2."""
 
+    def __init__(self, *args, **kwargs):
+        # A prefix of a flag is an error, not that flag: `--epoch 1` must not become `--epochs 1`.
+        # Subparsers are made with this class too, so they inherit it.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
 

@@ -52,6 +52,12 @@ def positive_int(text: str) -> int:
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage error in one line instead of printing the usage block."""
 
+    def __init__(self, *args, **kwargs):
+        # A prefix of a flag is an error, not that flag: `--epoch 1` must not become `--epochs 1`.
+        # Subparsers are made with this class too, so they inherit it.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         raise UsageError(message)
 

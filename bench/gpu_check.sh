@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 15 in one run, most important first (README "Performance").
+# The GPU measurements of issue 15 in one run, most important first (docs/performance.md).
 #
 #   bash bench/gpu_check.sh              on the GPU machine; 7-9 minutes on an H100 (capped at 9)
 #   bash bench/gpu_check.sh --quick      dry run on a CPU: --device cpu, width 1/16, 256-image epochs, and

@@ -4,7 +4,7 @@
     python bench/report.py results.jsonl --eval-precision tf32     # the grid with another measurement forward
 
 Table: one row per model and path. Grid: for every path measured on both of the grid's
-architectures, the GPU-hours of the 180-run grid (README "Reproducing the paper grid"),
+architectures, the GPU-hours of the 180-run grid (docs/grid.md),
 with the arithmetic. A run of E epochs costs
     E x (training epoch + NC pass) + NC pass (epoch 0) + F x feature snapshot + E x checkpoint write
 (main.py measures NC every epoch, snapshots features at F log-spaced epochs and writes a

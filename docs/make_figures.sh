@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Regenerates, from scratch, every figure and table that README.md shows:
+# Regenerates, from scratch, every figure and table that README.md and the manual (docs/*.md) show:
 #   1. trains the runs they need into a scratch folder (nothing under runs/ is touched),
-#   2. draws the figures into docs/ with utils.py, as the README's commands do,
-#   3. prints every number the README quotes (the default-run table, the summary table,
-#      the representations numbers, the UFM residual table, the per-layer table and the
-#      cost of --nc-layers), ready to paste.
+#   2. draws the figures into docs/ with utils.py, as the pages' commands do,
+#   3. prints every number the pages quote, ready to paste, each under a header naming its page:
+#      README.md (the default-run table), docs/figures.md (the summary table, the representations
+#      numbers), docs/ufm.md (the residual table), docs/layers.md (the per-layer tables and the
+#      cost of --nc-layers); docs/development.md lists where each goes.
 # On the project's 2-core CPU machine it trains ten 100-epoch runs: under ten minutes when the
-# machine is otherwise idle, about 25 on a busy one. The numbers in README.md
+# machine is otherwise idle, about 25 on a busy one. The numbers in README.md and docs/*.md
 # come from it. Their last digits differ between CPU models (the order of float
 # summation differs), and wall times vary with the machine's load.
 #
@@ -25,7 +26,7 @@ ETF=$RUNS/etf            # the two losses with a fixed simplex-ETF classifier (U
 MANIFOLD=$RUNS/manifold  # the two losses with manifold mixup (layers figure)
 LOGS=$SCRATCH/logs
 DOCS=docs
-DPI=100  # with the palette reduction below, keeps each README image small
+DPI=100  # with the palette reduction below, keeps each image of the pages small
 mkdir -p "$RUNS" "$LOGS"
 if [ -n "$(ls -A "$RUNS")" ]; then
     echo "make_figures.sh: $RUNS is not empty; give a new scratch folder" >&2
@@ -81,7 +82,7 @@ echo "scratch folder: $SCRATCH"
 # time is the "with mixup" column of the default-run table.
 echo "== training (10 runs of 100 epochs)"
 WALL_MIXUP=$(train default --out-dir "$RUNS" --run-name default)
-# The README's loss sweep: four default digits runs, two losses by two seeds, measured at
+# The loss sweep of docs/figures.md: four default digits runs, two losses by two seeds, measured at
 # every stage too (--nc-layers all adds measurements, not training: its cross_entropy_s0 is
 # the default run, record for record, which section 7 checks).
 for loss in cross_entropy mse; do for seed in 0 1; do
@@ -103,7 +104,7 @@ for loss in cross_entropy mse; do
 done
 
 # ------------------------------------------------------------------ 2. the default-run table
-echo "== README, The default run (wall times from this machine, at its current load)"
+echo "== README.md, The default run (wall times from this machine, at its current load)"
 python - "$RUNS/default" "$RUNS/no_mixup" "$WALL_MIXUP" "$WALL_NO_MIXUP" <<'PYTHON'
 import sys
 from plotting.loading import load_run
@@ -139,11 +140,11 @@ figure representations_cosines.png representations "$SWEEP/cross_entropy_s0" "$S
     --epochs 1,7,100 --view cosines
 
 # ------------------------------------------------------------------ 5. the summary table
-echo "== README, summary (python utils.py summary runs/loss_sweep)"
+echo "== docs/figures.md, summary (python utils.py summary runs/loss_sweep)"
 python utils.py summary "$SWEEP"
 
 # ------------------------------------------------------------------ 6. the representations numbers
-echo "== README, representations (seed 0 at epoch 100: mixup geometry, NC1, and mean |cos + 1/(C-1)| of H and W)"
+echo "== docs/figures.md, representations (seed 0 at epoch 100: mixup geometry, NC1, and mean |cos + 1/(C-1)| of H and W)"
 python utils.py summary "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" \
     --metric same_class_alignment,diff_class_nonlinearity,nc1,nc2_maxangle_h,nc2_maxangle_w
 
@@ -153,7 +154,7 @@ echo "== figures: the mixup geometry against the UFM optimum"
 # stay under 150 KB at 85 dpi
 DPI=85 figure representations_theory.png representations "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" \
     "$ETF/cross_entropy" "$ETF/mse" --theory --epochs 1,100
-echo "== README, Mixup geometry against the UFM optimum (residual table: first and last feature epoch)"
+echo "== docs/ufm.md, residual table (Mixup geometry against the UFM optimum: first and last feature epoch)"
 # seed 1 of the learned classifier (another triple, too) shows how much the numbers move between seeds
 python - "$SWEEP/cross_entropy_s0" "$SWEEP/cross_entropy_s1" "$ETF/cross_entropy" \
     "$SWEEP/mse_s0" "$SWEEP/mse_s1" "$ETF/mse" <<'PYTHON'
@@ -188,7 +189,7 @@ echo "== figures: below the last layer"
 figure layers.png layers "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" "$MANIFOLD/cross_entropy" "$MANIFOLD/mse"
 figure representations_layer.png representations "$SWEEP/cross_entropy_s0" "$MANIFOLD/cross_entropy" \
     --layer hidden1 --epochs 1,7,100
-echo "== README, Below the last layer (last epoch: NC1, nearest-class-mean accuracy and non-linearity per stage)"
+echo "== docs/layers.md, per-layer table (Below the last layer, last epoch: NC1, nearest-class-mean accuracy and non-linearity per stage)"
 python - "$SWEEP/cross_entropy_s0" "$SWEEP/mse_s0" "$MANIFOLD/cross_entropy" "$MANIFOLD/mse" <<'PYTHON'
 import sys
 import numpy as np
@@ -227,7 +228,7 @@ for run in runs:
 PYTHON
 
 # ------------------------------------------------------------------ 9. the cost of --nc-layers all
-echo "== README, the default run with and without --nc-layers all (wall times from this machine, at its current load)"
+echo "== docs/layers.md, the cost of --nc-layers all (the default run with and without it (wall times from this machine, at its current load)"
 python - "$RUNS/default" "$SWEEP/cross_entropy_s0" "$WALL_MIXUP" "$WALL_NC_LAYERS" <<'PYTHON'
 import statistics, sys
 from plotting.loading import load_run

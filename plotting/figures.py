@@ -157,7 +157,9 @@ def curves_figure(groups: Sequence[Group], band: str, show_error: bool) -> Figur
     _finish_axis(acc_ax, "error (%)" if show_error else "accuracy (%)", show_error, levels)
     panel_title(acc_ax, "error" if show_error else "accuracy", PANEL_WIDTH)
     _span_all_epochs(axes, groups)
-    # the loss panels always show all three sources, so the legend names all three styles
+    # the loss panels always show all three sources; the error panel has no dotted line, so say where it is
+    if show_error:
+        styles = styles[:2] + ((f"{styles[2][0]} (loss panels only)", styles[2][1]),)
     figure_legend(figure, group_handles(groups) + style_handles(styles))
     _title(figure, "Training curves", _all_runs(groups), groups, band, _grouping_keys(groups))
     return figure
@@ -243,15 +245,18 @@ def calibration_figure(groups: Sequence[Group], epoch: Optional[int]) -> Figure:
     runs = [(group, run) for group in groups for run in group.runs]
     figure = new_figure(max(CALIBRATION_MIN_WIDTH, PANEL_WIDTH * len(runs) + 0.2), 5.4)
     grid = figure.add_gridspec(2, len(runs), height_ratios=(3, 1))
+    first_count_ax = None
     for column, (group, run) in enumerate(runs):
         record = calibration_record(run, epoch)
         ax = figure.add_subplot(grid[0, column])
-        count_ax = figure.add_subplot(grid[1, column], sharex=ax)
+        # one scale for every run's share of samples: the histograms are compared side by side
+        count_ax = figure.add_subplot(grid[1, column], sharex=ax, sharey=first_count_ax)
+        first_count_ax = first_count_ax or count_ax
         _reliability(ax, record, group.colour)
         _confidence_histogram(count_ax, record, group.colour)
         seed = f", seed {run.seed}" if run.seed is not None else ""
         heading = group.label if len(groups) > 1 else run.name
-        ax.set_title(f"{heading}{seed}\nepoch {record['epoch']}")
+        panel_title(ax, f"{heading}{seed}\nepoch {record['epoch']}", PANEL_WIDTH)
     bar_colour = groups[0].colour if len(groups) == 1 else "0.35"
     handles = [Patch(color=bar_colour, label="accuracy in bin"),
                Patch(facecolor="none", hatch="///", edgecolor=GAP_COLOUR, label="gap to mean confidence"),

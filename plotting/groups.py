@@ -2,10 +2,12 @@
 
 A group is a set of runs that agree on the grouping keys; runs that differ
 only in --seed always fall in one group and are aggregated. Its label names
-the config difference ("loss=mse"). Its colour names the value of the first
-grouping key: a hue from a fixed palette, in the sorted order of that key's
-values, so figures of one sweep agree on what each colour means; the other
-keys' values lighten that hue.
+the config difference ("loss=mse"). Its colour names the value of one grouping
+key, the hue key: the first key of --by, else the key with the most values. The
+hue comes from a fixed palette, in the sorted order of that key's values, so
+figures of one sweep agree on what each colour means; the other keys' values
+lighten that hue. Where two shades would be too close to tell apart, every
+group gets a colour of its own instead.
 """
 from __future__ import annotations
 
@@ -42,6 +44,14 @@ GROUP_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
 MANY_VALUES_CMAP, MANY_VALUES_RANGE = "viridis", (0.0, 0.9)
 # The other grouping keys' values mix up to this share of white into the hue (first value: none).
 LIGHTEST_SHADE = 0.5
+# Two colours closer than this (CIE76 distance in CIELAB) are hard to tell apart as thin lines
+# on white: three shades of one hue stay above it, four fall below (the palette's own closest
+# pair, purple and pink, is 27.7 apart).
+MIN_COLOUR_DISTANCE = 15.0
+# sRGB (linear) to CIE XYZ, and the D65 white point, for cielab.
+SRGB_TO_XYZ = np.array([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
+                        [0.0193339, 0.1191920, 0.9503041]])
+D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 # Keys described in a figure's title when every run shares them, in this order.
 TITLE_KEYS = ("dataset", "model", "width", "loss", "mixup_alpha", "optimizer", "lr", "epochs")
 
@@ -134,7 +144,7 @@ def group_runs(runs: Sequence[Run], by: Optional[Sequence[str]] = None) -> List[
     for group in ordered:
         group.mixed_keys = {key: sorted({format_value(freeze(r.config.get(key))) for r in group.runs})
                             for key in differing_keys(group.runs) if key not in keys and key != SEED_KEY}
-    assign_colours(ordered)
+    assign_colours(ordered, hue_key=0 if by else None)
     return ordered
 
 
@@ -161,20 +171,60 @@ def lighten(colour: str, share_of_white: float) -> str:
     return to_hex(rgb + (1.0 - rgb) * share_of_white)
 
 
-def assign_colours(groups: Sequence[Group]) -> None:
-    """Hue from the value of the first grouping key, shade from the values of the others.
+def most_varied_key(groups: Sequence[Group]) -> int:
+    """The position of the grouping key with the most distinct values (the first of a tie)."""
+    counts = [len({group.key[i] for group in groups}) for i in range(len(groups[0].key))]
+    return counts.index(max(counts))
+
+
+def shaded_colours(groups: Sequence[Group], hue_key: int) -> List[str]:
+    """Hue from the value of key `hue_key`, shade from the values of the others among that hue's groups.
 
     Both come from the place of the value in the sorted values of the runs drawn,
     never from the label: `loss=mse` keeps its hue when `--by` adds a key, and
     every subcommand over the same runs gives every value the same colour.
     """
-    firsts = sorted({group.key[:1] for group in groups}, key=_sort_key)
-    rests = sorted({group.key[1:] for group in groups}, key=_sort_key)
-    hues = hue_palette(len(firsts))
-    shades = np.linspace(0.0, LIGHTEST_SHADE, len(rests)) if len(rests) > 1 else [0.0]
+    def split(group):
+        return group.key[hue_key:hue_key + 1], group.key[:hue_key] + group.key[hue_key + 1:]
+    hue_values = sorted({split(group)[0] for group in groups}, key=_sort_key)
+    hues = hue_palette(len(hue_values))
+    colours = []
     for group in groups:
-        hue = hues[firsts.index(group.key[:1])]
-        group.colour = lighten(hue, shades[rests.index(group.key[1:])])
+        value, rest = split(group)
+        rests = sorted({split(g)[1] for g in groups if split(g)[0] == value}, key=_sort_key)
+        shade = LIGHTEST_SHADE * rests.index(rest) / (len(rests) - 1) if len(rests) > 1 else 0.0
+        colours.append(lighten(hues[hue_values.index(value)], shade))
+    return colours
+
+
+def assign_colours(groups: Sequence[Group], hue_key: Optional[int] = None) -> None:
+    """Shades of the hue key's hues (default: the most varied key), or one colour per group where shades
+    of one hue would be mistaken for each other."""
+    if not groups or not groups[0].key:
+        for group, colour in zip(groups, hue_palette(len(groups))):
+            group.colour = colour
+        return
+    colours = shaded_colours(groups, most_varied_key(groups) if hue_key is None else hue_key)
+    if min_colour_distance(colours) < MIN_COLOUR_DISTANCE:
+        colours = hue_palette(len(groups))  # in the groups' sorted order, as a hue would be
+    for group, colour in zip(groups, colours):
+        group.colour = colour
+
+
+def cielab(colour: str) -> np.ndarray:
+    """CIELAB (D65) of an sRGB colour: distances there follow perceived differences."""
+    rgb = np.asarray(to_rgb(colour), dtype=float)
+    linear = np.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
+    xyz = SRGB_TO_XYZ @ linear / D65_WHITE
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    return np.array([116 * f[1] - 16, 500 * (f[0] - f[1]), 200 * (f[1] - f[2])])
+
+
+def min_colour_distance(colours: Sequence[str]) -> float:
+    """The smallest CIE76 distance between two of `colours` (inf for fewer than two)."""
+    points = [cielab(colour) for colour in colours]
+    return min((float(np.linalg.norm(a - b)) for i, a in enumerate(points) for b in points[i + 1:]),
+               default=float("inf"))
 
 
 def repeated_seeds(groups: Sequence[Group]) -> List[str]:

@@ -21,7 +21,7 @@ from .cosines import (HISTOGRAM_KINDS, add_colour_bars, cosines_legend, draw_his
 from .groups import Group, common_description
 from .labels import PointLabel, layout_now, place_labels
 from .loading import RunError, feature_epochs, load_features, named_epochs
-from .style import figure_legend, new_figure, set_title
+from .style import characters_in, figure_legend, new_figure, set_title, wrap_label
 from .triangle import Panel, TriangleOptions, draw_triangle_view, mean_of_means, triangle_heading, triangle_legend
 
 VIEWS = ("triangle", "means", "cosines")
@@ -32,6 +32,10 @@ MEANS_MARGIN = 0.12  # of the data span, either side: room for the labels of the
 LABELLED_CLASSES_UP_TO = 20  # more class labels than this are unreadable on one panel
 MATRIX_SIZE = 2.6
 HISTOGRAM_WIDTH = 2.6
+# Of a row's height, what its rotated row label may not use: the label is centred on its panel
+# and must stay within it, clear of the rows above and below.
+ROW_LABEL_MARGIN = 0.5
+ROW_LABEL_SIZE = 10  # axes.labelsize of the shared style
 
 
 def pca_basis(class_means: np.ndarray):
@@ -169,7 +173,7 @@ def _cosines_figure(rows: List[List[Panel]]) -> Figure:
             ax.set_visible(False)
         for ax, (title, kind) in zip(row_axes[columns:], HISTOGRAM_KINDS):
             draw_histogram(ax, per_epoch, kind, title, colours, norms[count])
-        row_axes[0].set_ylabel(f"{row[0].label}\nclass" if row[0].label else "class")
+        row_axes[0].set_ylabel(row_label(row[0].label, "class", MATRIX_SIZE))
     for ax in axes[-1, :columns]:
         ax.set_xlabel("class")
     add_colour_bars(figure, images, matrix_axes)
@@ -211,5 +215,12 @@ def _label_axes(axes, view: str, row_labels: Sequence[str]) -> None:
     names = ("plane coordinate 1", "plane coordinate 2") if view == "triangle" else ("PC 1", "PC 2")
     for ax in axes[-1]:
         ax.set_xlabel(names[0])
-    for ax, row_label in zip(axes[:, 0], row_labels):
-        ax.set_ylabel(f"{row_label}\n{names[1]}" if row_label else names[1])
+    for ax, label in zip(axes[:, 0], row_labels):
+        ax.set_ylabel(row_label(label, names[1], PANEL_SIZE))
+
+
+def row_label(label: str, axis_name: str, row_height: float) -> str:
+    """A run's name above its row's y-axis name, wrapped to the height of the row."""
+    if not label:
+        return axis_name
+    return f"{wrap_label(label, characters_in(row_height - ROW_LABEL_MARGIN, ROW_LABEL_SIZE))}\n{axis_name}"

@@ -160,11 +160,22 @@ def group_handles(groups) -> List[Line2D]:
     return [Line2D([], [], color=group.colour, linewidth=2.5, label=group.legend_label) for group in groups]
 
 
+def wrap_label(text: str, width_chars: int) -> str:
+    """A legend or row label broken at spaces into lines of `width_chars`; mathtext is left whole, since
+    a line break inside $...$ would not render."""
+    if "$" in text or len(text) <= width_chars:
+        return text
+    return "\n".join(textwrap.wrap(text, width_chars, break_on_hyphens=False))
+
+
 def figure_legend(figure: Figure, handles: Sequence[Line2D]) -> None:
     """One legend for all panels, under them, in as many columns as the figure's width holds."""
     if not handles:
         return
-    longest = max(len(handle.get_label()) for handle in handles)
+    fits = max(1, int((figure.get_figwidth() - LEGEND_HANDLE_INCHES) / LEGEND_CHAR_INCHES))
+    for handle in handles:
+        handle.set_label(wrap_label(handle.get_label(), fits))
+    longest = max(len(line) for handle in handles for line in handle.get_label().split("\n"))
     entry_inches = longest * LEGEND_CHAR_INCHES + LEGEND_HANDLE_INCHES
     columns = max(1, min(len(handles), int(figure.get_figwidth() // entry_inches)))
     figure.legend(handles=list(handles), loc="outside lower center", ncols=columns)

@@ -36,9 +36,12 @@ from typing import List, Optional, Sequence
 import numpy as np
 from matplotlib import colormaps, patheffects
 from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PathCollection
 from matplotlib.colors import LinearSegmentedColormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.markers import MarkerStyle
+from matplotlib.transforms import IdentityTransform
 
 from .loading import Run, RunError, features_path
 from .style import figure_legend
@@ -59,6 +62,7 @@ TRIANGLE_TOLERANCE = 1e-6
 THEORY_COLOUR = "0.1"
 THEORY_LINE_WIDTH = 1.0
 THEORY_MARKER_AREA = 30  # points^2
+THEORY_MARKER = MarkerStyle("D")
 MEAN_MARKER_AREA = 45
 EDGE_STYLE = {"color": "0.15", "linestyle": "--", "linewidth": 1.0}
 # Over the points: a white outline keeps a label readable on a dense cloud.
@@ -194,17 +198,30 @@ def theory_note(fit: dict) -> str:
 
 def draw_theory(ax, curves: dict, projection: np.ndarray, centre: np.ndarray) -> List[np.ndarray]:
     """Each pair type's optimum over lambda, centred and projected as the features are (the curves model
-    the uncentred features); a same-class optimum does not depend on lambda and is one marker. Returns the points."""
+    the uncentred features); a same-class optimum does not depend on lambda and is one marker. Returns the points.
+
+    The panel's limits are the data's: a fitted curve that reaches far past the learned points (early in
+    training, or at an end of the gamma range) is cut at the panel's edge instead of shrinking the data."""
     drawn = []
     for pair, curve in zip(curves["pairs"], np.asarray(curves["H"], dtype=np.float64)):
         points = (curve - centre) @ projection.T
         if pair[0] == pair[1]:
-            ax.scatter(points[:1, 0], points[:1, 1], s=THEORY_MARKER_AREA, marker="D", color=THEORY_COLOUR,
-                       edgecolors="white", linewidths=0.6, zorder=4)
-        else:
-            ax.plot(points[:, 0], points[:, 1], color=THEORY_COLOUR, linewidth=THEORY_LINE_WIDTH, zorder=3)
+            _theory_marker(ax, points[0])
+        else:  # add_artist, not plot: it leaves the data limits alone
+            ax.add_artist(Line2D(points[:, 0], points[:, 1], color=THEORY_COLOUR, linewidth=THEORY_LINE_WIDTH,
+                                 zorder=3))
         drawn.append(points)
     return drawn
+
+
+def _theory_marker(ax, point: np.ndarray) -> None:
+    """The diamond of a same-class optimum, drawn as ax.scatter draws it but without widening the data limits."""
+    path = THEORY_MARKER.get_path().transformed(THEORY_MARKER.get_transform())
+    marker = PathCollection([path], sizes=[THEORY_MARKER_AREA], offsets=point[None, :],
+                            offset_transform=ax.transData, facecolors=THEORY_COLOUR, edgecolors="white",
+                            linewidths=0.6, zorder=4)
+    marker.set_transform(IdentityTransform())  # sizes are in points, as in ax.scatter
+    ax.add_collection(marker, autolim=False)
 
 
 # ---------------------------------------------------------------- the classifier plane
@@ -225,7 +242,7 @@ def classifier_view(ax, panel: Panel, options: TriangleOptions) -> None:
         fit, curves = _ufm_fit(panel)
         note = theory_note(fit)
         if curves is not None and not fit.get("nan_reason"):
-            drawn += draw_theory(ax, curves, projection, centre)
+            draw_theory(ax, curves, projection, centre)
     if options.samples:  # on top: they are the reference the mixup points are read against
         drawn += _draw_clean_samples(ax, payload, triple, project)
     _draw_arrows(ax, triangle_vertices(), _reach(np.concatenate(drawn)), [f"$w_{{{c}}}$" for c in triple],

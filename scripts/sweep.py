@@ -172,7 +172,7 @@ _UNSET = object()
 
 
 def check_extras(extras: Sequence[str]) -> argparse.Namespace:
-    """Refuse main.py flags the sweep sets itself (abbreviated or not); returns the extras parsed."""
+    """Refuse main.py flags the sweep sets itself; returns the extras parsed (main.py refuses abbreviations)."""
     parser = cli.build_parser()
     parser.set_defaults(**{dest: _UNSET for dest in SWEEP_OWNED})
     given = parse_main_flags(parser.parse_args, extras)

@@ -150,7 +150,8 @@ def test_a_long_suffix_becomes_a_short_hash():
     (["--gpus", "0,0"], "lists a GPU twice"),
     (["--epochs", "2"], "main.py flags go after --"),
     (["--", "--width", "x"], "invalid positive float value: 'x'"),
-    (["--", "--see", "4"], "--seed after --: use the sweep's --seeds"),  # abbreviations are caught too
+    (["--", "--seed", "4"], "--seed after --: use the sweep's --seeds"),
+    (["--", "--see", "4"], "main.py would refuse --see 4: unrecognized arguments: --see 4"),  # no abbreviations
     (["--", "--overwrite"], "--overwrite after --"),
     (["--index", "1"], "the grid has 1 entries"),
 ])
