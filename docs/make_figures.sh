@@ -6,8 +6,8 @@
 #      README.md (the default-run table), docs/figures.md (the summary table, the representations
 #      numbers), docs/ufm.md (the residual table), docs/layers.md (the per-layer tables and the
 #      cost of --nc-layers); docs/development.md lists where each goes.
-# On the project's 2-core CPU machine it trains ten 100-epoch runs: under ten minutes when the
-# machine is otherwise idle, about 25 on a busy one. The numbers in README.md and docs/*.md
+# On the project's 2-core CPU machine it trains ten 100-epoch runs, then bench/ufm_claim.py's twelve:
+# about fifteen minutes when the machine is otherwise idle, about 35 on a busy one. The numbers in README.md and docs/*.md
 # come from it. Their last digits differ between CPU models (the order of float
 # summation differs), and wall times vary with the machine's load.
 #
@@ -162,27 +162,28 @@ import math, sys
 from plotting.loading import load_run
 def cell(value, digits=2):
     return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-def whole_space(fit):
-    # s H* lies in the row space of W, so |H - mu - s H*|^2 / |H - mu|^2 = outside + (1 - outside) residual^2
-    return math.sqrt(fit["outside_share"] + (1 - fit["outside_share"]) * fit["residual"] ** 2)
 def gamma(fit):
     if fit["nan_reason"]:
         return f"no fit: {fit['nan_reason']}"
     if not fit["identifiable"]:
         return "not identifiable"
     return f"{fit['gamma']:.3g}" + (" (end of range)" if fit["gamma_at_bound"] else "")
-print("| loss | classifier | seed | epoch | residual | same-class | different-class | outside share | whole-space residual "
-      "| gamma |")
-print("|" + " --- |" * 10)
+print("| loss | classifier | seed | epoch | residual | floor | shape | shape, ETF benchmark | same-class | "
+      "different-class | outside share | gamma |")
+print("|" + " --- |" * 12)
 for folder in sys.argv[1:]:
     run = load_run(folder)
-    fits = [(r["epoch"], r["mixup_geometry"]["ufm"]) for r in run.records if r.get("mixup_geometry")]
+    geometries = [(r["epoch"], r["mixup_geometry"]) for r in run.records if r.get("mixup_geometry")]
     classifier = "fixed ETF" if run.config["etf_classifier"] else "learned"
-    for epoch, fit in (fits[0], fits[-1]):
+    for epoch, geometry in (geometries[0], geometries[-1]):
+        fit, etf = geometry["ufm"], geometry["ufm_etf"]
         print(f"| {run.config['loss']} | {classifier} | {run.seed} | {epoch} | {cell(fit['residual'])} | "
+              f"{cell(fit['scatter_floor'])} | {cell(fit['shape_residual'])} | {cell(etf['shape_residual'])} | "
               f"{cell(fit['residual_same_class'])} | {cell(fit['residual_diff_class'])} | "
-              f"{cell(fit['outside_share'])} | {cell(whole_space(fit))} | {gamma(fit)} |")
+              f"{cell(fit['outside_share'])} | {gamma(fit)} |")
 PYTHON
+echo "== docs/ufm.md, the fixed-ETF claim (3 seeds each: python bench/ufm_claim.py)"
+python bench/ufm_claim.py --out-dir "$RUNS/ufm_claim"
 
 # ------------------------------------------------------------------ 8. the layers figure and per-layer table
 echo "== figures: below the last layer"
