@@ -273,6 +273,9 @@ def default_run_name(args) -> str:
     return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}{mixing_name(args)}{place}_s{args.seed}"
 
 
+NAMED_MIXING_FLAGS = ("cutmix_alpha", "mix_prob", "switch_prob")  # spelled by mixing_name in every default name
+
+
 def mixing_name(args) -> str:
     """The run name's part for CutMix and the rule switch; empty for plain mixup (today's names)."""
     parts = [f"_cut{args.cutmix_alpha:g}"] if args.cutmix_alpha > 0 else []

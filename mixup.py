@@ -209,13 +209,15 @@ def grid_boxes(lambdas: np.ndarray, height: int, width: int, seed: int) -> np.nd
     """(n, 4) int boxes (top, bottom, left, right) of the measurement's CutMix points, one per point of
     the grid (`lambdas`: each point's lambda, as mixup_grid gives them).
 
-    Sides round(size * sqrt(1 - lam)), so the pasted area depends on lambda alone (every pair at one grid
-    lambda carries the same weight), placed wholly inside the image at a position drawn from `seed`
-    alone: every feature epoch, and a resumed run, sees the same boxes.
+    height * sqrt(1 - lam) rows, rounded, and the whole number of columns that brings the area closest
+    to 1 - lam, so the pasted area depends on lambda alone (every pair at one grid lambda carries the same
+    weight); placed wholly inside the image at a position drawn from `seed` alone: every feature epoch,
+    and a resumed run, sees the same boxes.
     """
     rng = np.random.default_rng([seed, BOX_STREAM])
-    side = np.sqrt(np.clip(1 - np.asarray(lambdas, dtype=np.float64), 0, 1))
-    rows, cols = np.rint(height * side).astype(int), np.rint(width * side).astype(int)
+    share = np.clip(1 - np.asarray(lambdas, dtype=np.float64), 0, 1)
+    rows = np.rint(height * np.sqrt(share)).astype(int)
+    cols = np.where(rows > 0, np.rint(share * height * width / np.maximum(rows, 1)), 0).clip(0, width).astype(int)
     top = (rng.random(rows.size) * (height - rows + 1)).astype(int)
     left = (rng.random(cols.size) * (width - cols + 1)).astype(int)
     return np.stack([top, top + rows, left, left + cols], axis=1)
