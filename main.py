@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from checkpoint import restore_state, saved_device_type
-from cli import RESUMABLE_CHANGES, UsageError, default_feature_epochs, parse_args
+from cli import RESUMABLE_CHANGES, UsageError, build_parser, default_feature_epochs, parse_args
 from collapse_metrics import simplex_etf
 from compilation import compile_with_fallback, compiling
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
@@ -326,8 +326,10 @@ def open_run_folder(args, folder: str, dist: DistContext):
 
 
 def check_resume_flags(saved_flags: dict, flags: dict) -> None:
+    # a flag added after the run was saved (--cutmix-alpha, ...) trained at its default, whatever it is now
+    defaults = json.loads(json.dumps(vars(build_parser().parse_args([]))))
     changed = [key for key in sorted(set(saved_flags) | set(flags))
-               if key not in RESUMABLE_CHANGES and saved_flags.get(key) != flags.get(key)]
+               if key not in RESUMABLE_CHANGES and saved_flags.get(key, defaults.get(key)) != flags.get(key)]
     if changed:
         listing = ", ".join(f"--{k.replace('_', '-')} {flags.get(k)!r} (saved {saved_flags.get(k)!r})" for k in changed)
         raise UsageError(f"--resume: flags differ from the saved run: {listing}")

@@ -198,10 +198,13 @@ def rule_name(cfg) -> str:
 
 def feature_rules(cfg) -> list:
     """The rules whose mixed points the feature epochs measure: --feature-mix, else the run's rules
-    (mixup for a run that does not mix, as before CutMix existed)."""
-    if cfg.feature_mix:
-        return [rule for rule in MIX_RULES if rule in cfg.feature_mix]
-    rules = [rule for rule, alpha in zip(MIX_RULES, (cfg.mixup_alpha, cfg.cutmix_alpha)) if alpha > 0]
+    (mixup for a run that does not mix, as before CutMix existed). A configuration made before these
+    flags existed (a notebook's namespace without them) measures mixup's points, as it did then."""
+    chosen = getattr(cfg, "feature_mix", None)
+    if chosen:
+        return [rule for rule in MIX_RULES if rule in chosen]
+    alphas = (getattr(cfg, "mixup_alpha", 0.0), getattr(cfg, "cutmix_alpha", 0.0))
+    rules = [rule for rule, alpha in zip(MIX_RULES, alphas) if alpha > 0]
     return rules or ["mixup"]
 
 

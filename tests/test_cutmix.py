@@ -1,5 +1,6 @@
 """CutMix, --mix-prob and --switch-prob: the boxes, their targets, the draws, the runs and their measurement."""
 import importlib.util
+import json
 import math
 import os
 import sys
@@ -241,3 +242,15 @@ def test_per_sample_cutmix_alone_trains_and_measures_only_its_points(tmp_path):
     record = load(tmp_path / "r" / "metrics.pkl")["epochs"][-1]
     assert set(record["mixup_geometry"]) == {"cutmix"} and math.isfinite(record["mixup_loss"])
     assert "mixup" not in load(tmp_path / "r" / "features" / "epoch_0001.pkl")
+
+
+def test_a_run_saved_before_the_mixing_flags_existed_resumes(tmp_path):
+    argv = [*RUN, "--feature-epochs", "1", "--out-dir", str(tmp_path), "--run-name", "old"]
+    assert run_main([*argv, "--epochs", "1"]) == 0
+    config_path = tmp_path / "old" / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("cutmix_alpha", "mix_prob", "switch_prob", "feature_mix"):
+        del config["flags"][key]  # as a run folder written before these flags existed
+    config_path.write_text(json.dumps(config))
+    assert run_main([*argv, "--epochs", "2", "--resume"]) == 0
+    assert run_main([*argv, "--epochs", "3", "--resume", "--cutmix-alpha", "1"]) == 2  # a real change still is refused
