@@ -2,18 +2,17 @@
 
 Times what train.py does to a normalised batch before the forward pass (partner permutation, mixed
 inputs, soft targets), for one lambda per batch and per sample, on the digits' shape (8 x 8, one
-channel) and CIFAR's (32 x 32, three). Each cell is the median over --repeats blocks of --steps
-steps (microseconds per step); the header prints the load average, since on a machine shared with
-other processes the medians move with it.
+channel) and CIFAR's (32 x 32, three). Each cell is the best of --repeats blocks of --steps steps
+(microseconds per step), the rules' blocks alternating; the header prints the load average, since
+on a machine shared with other processes even the best block moves with it.
 
     python bench/mixing_cost.py                    # batch 128, both shapes
-    python bench/mixing_cost.py --threads 1 --steps 500 --repeats 7
+    python bench/mixing_cost.py --threads 1 --steps 300 --repeats 15
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import time
 
@@ -55,37 +54,45 @@ def step_functions(per_sample: bool, batch: int, steps: int):
     return {"mixup": mixup, "cutmix": cutmix_rule("cutmix"), "switch": cutmix_rule("switch")}
 
 
-def time_rule(function, x, y, steps: int, repeats: int) -> float:
-    """Median over blocks of the microseconds per step."""
+def time_block(function, x, y, steps: int, generator: torch.Generator) -> float:
+    """Microseconds per step over one block of `steps` steps."""
+    start = time.perf_counter()
+    for step in range(steps):
+        function(x, y, step, generator)
+    return (time.perf_counter() - start) / steps * 1e6
+
+
+def time_rules(rules: dict, x, y, steps: int, repeats: int) -> dict:
+    """{rule: best block's microseconds per step}; the rules' blocks alternate, so that a burst of load
+    from other processes falls on all of them alike, and the best block is the one least disturbed."""
     generator = torch.Generator().manual_seed(0)
-    function(x, y, 0, generator)  # warm-up
-    blocks = []
+    for function in rules.values():
+        function(x, y, 0, generator)  # warm-up
+    blocks = {name: [] for name in rules}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for step in range(steps):
-            function(x, y, step, generator)
-        blocks.append((time.perf_counter() - start) / steps * 1e6)
-    return statistics.median(blocks)
+        for name, function in rules.items():
+            blocks[name].append(time_block(function, x, y, steps, generator))
+    return {name: min(times) for name, times in blocks.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=128, metavar="B", help="samples per step (default 128)")
-    parser.add_argument("--steps", type=int, default=300, metavar="N", help="steps per timed block (default 300)")
-    parser.add_argument("--repeats", type=int, default=5, metavar="R", help="timed blocks per cell (default 5)")
+    parser.add_argument("--steps", type=int, default=100, metavar="N", help="steps per timed block (default 100)")
+    parser.add_argument("--repeats", type=int, default=9, metavar="R", help="timed blocks per cell (default 9)")
     parser.add_argument("--threads", type=int, default=None, metavar="T", help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {args.batch_size}, "
-          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; microseconds per step (median)")
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}; microseconds per step (best block)")
     print(f"{'shape':<15}{'lambda':<12}{'mixup':>9}{'cutmix':>9}{'switch':>9}{'cutmix/mixup':>14}")
     for label, shape in SHAPES.items():
         x = torch.randn(args.batch_size, *shape, generator=torch.Generator().manual_seed(1))
         y = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=torch.Generator().manual_seed(2))
         for per_sample in (False, True):
             rules = step_functions(per_sample, args.batch_size, args.steps)
-            times = {name: time_rule(f, x, y, args.steps, args.repeats) for name, f in rules.items()}
+            times = time_rules(rules, x, y, args.steps, args.repeats)
             print(f"{label:<15}{'per sample' if per_sample else 'per batch':<12}{times['mixup']:>9.1f}"
                   f"{times['cutmix']:>9.1f}{times['switch']:>9.1f}{times['cutmix'] / times['mixup']:>14.2f}")
 
