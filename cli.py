@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mixup-alpha", type=_nonnegative_float, default=1.0, metavar="ALPHA",
                      help="lambda ~ Beta(ALPHA, ALPHA); 0 turns mixup off")
     mix.add_argument("--mixup-per-sample", action="store_true",
-                     help="draw lambda per sample instead of once per batch")
+                     help="draw lambda per sample instead of once per batch (with CutMix also each sample's box, "
+                          "rule and --mix-prob choice)")
     mix.add_argument("--mixup-layer", default="input", metavar="STAGE",
                      help="where to mix: input (mixup), a stage name of the model (manifold mixup: that stage's "
                           "output is mixed; an unknown name lists the model's stages), or random (per batch, one of the input "

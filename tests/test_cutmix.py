@@ -11,7 +11,7 @@ import torch
 
 import mixup
 import utils
-from cli import UsageError, parse_args
+from cli import parse_args
 from helpers import TINY, load, run_main, without_timings
 from plotting.metrics import resolve_metric, value_at
 
