@@ -11,12 +11,14 @@ from typing import List, Optional
 
 from data import DATASETS
 from losses import LOSSES
+from mixup import MIX_RULES
 from models import MODELS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 EVAL_PRECISIONS = ("float32", "tf32", "bf16")
+SWITCH_PROB = 0.5  # timm's Mixup default
 MAX_SEED = 2**63 - 1  # numpy and torch both take any seed in 0..2^63-1
 DEFAULT_FEATURE_EPOCH_COUNT = 8
 # Defaults that depend on the dataset. The quick digits run is tuned so that
@@ -99,6 +101,21 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _rule_list(text: str) -> List[str]:
+    rules = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [rule for rule in rules if rule not in MIX_RULES]
+    if unknown or not rules:
+        raise argparse.ArgumentTypeError(f"takes {' and/or '.join(MIX_RULES)}, got {text!r}")
+    return rules
+
+
 def _int_list(text: str) -> List[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
@@ -109,7 +126,8 @@ def _float_list(text: str) -> List[float]:
 
 for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "non-negative int"), (_seed, "seed"),
                             (_positive_float, "positive float"), (_nonnegative_float, "non-negative float"),
-                            (_fraction, "fraction"), (_int_list, "comma-separated int list"),
+                            (_fraction, "fraction"), (_probability, "probability"),
+                            (_rule_list, "comma-separated rule list"), (_int_list, "comma-separated int list"),
                             (_float_list, "comma-separated float list")):
     _parser_type.__name__ = _name  # argparse names the type in "invalid <type> value" messages
 
@@ -151,11 +169,25 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--mixup-alpha", type=_nonnegative_float, default=1.0, metavar="ALPHA",
                      help="lambda ~ Beta(ALPHA, ALPHA); 0 turns mixup off")
     mix.add_argument("--mixup-per-sample", action="store_true",
-                     help="draw lambda per sample instead of once per batch")
+                     help="draw lambda per sample instead of once per batch (with CutMix also each sample's box, "
+                          "rule and --mix-prob choice)")
     mix.add_argument("--mixup-layer", default="input", metavar="STAGE",
                      help="where to mix: input (mixup), a stage name of the model (manifold mixup: that stage's "
                           "output is mixed; an unknown name lists the model's stages), or random (per batch, one of the input "
                           "and the first two stages after the stem, as Verma et al. 2019)")
+    mix.add_argument("--cutmix-alpha", type=_nonnegative_float, default=0.0, metavar="A",
+                     help="CutMix (Yun et al. 2019): lambda ~ Beta(A, A), a box of area 1 - lambda (centre uniform, "
+                          "clipped at the border) pasted from the partner image; the targets weigh the partner by "
+                          "the pasted box's true area; 0 turns CutMix off")
+    mix.add_argument("--mix-prob", type=_probability, default=1.0, metavar="P",
+                     help="probability that a batch (a sample, with --mixup-per-sample) is mixed at all")
+    mix.add_argument("--switch-prob", type=_probability, default=SWITCH_PROB, metavar="S",
+                     help="with both --mixup-alpha and --cutmix-alpha > 0: probability that a mixed batch (sample) "
+                          "uses CutMix instead of mixup, as timm's Mixup")
+    mix.add_argument("--feature-mix", type=_rule_list, default=None, metavar="RULE[,RULE]",
+                     help="mixing rules of the feature epochs' class-triple points: mixup (interpolation) and/or "
+                          "cutmix (a box of area 1 - lambda, placed from --seed); default: the run's rules "
+                          "(mixup for a run without mixing)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS, metavar="NAME",
@@ -233,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--out-dir", default="runs", metavar="DIR", help="parent folder of run folders")
     output.add_argument("--run-name", default=None, metavar="NAME",
                         help="run folder name; default: <dataset>_<model>_<loss>_a<alpha>_s<seed>, with "
-                             "_mix-<stage> before _s<seed> for manifold mixup")
+                             "_cut<A> (CutMix), _p<P> (--mix-prob), _sw<S> (--switch-prob, or both rules) and "
+                             "_mix-<stage> (manifold mixup) before _s<seed>")
     output.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     output.add_argument("--resume", action="store_true",
                         help="continue the run folder from its last checkpoint up to --epochs")
@@ -244,7 +277,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_run_name(args) -> str:
     place = "" if args.mixup_layer == "input" else f"_mix-{args.mixup_layer}"
-    return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}{place}_s{args.seed}"
+    return f"{args.dataset}_{args.model}_{args.loss}_a{args.mixup_alpha:g}{mixing_name(args)}{place}_s{args.seed}"
+
+
+NAMED_MIXING_FLAGS = ("cutmix_alpha", "mix_prob", "switch_prob")  # spelled by mixing_name in every default name
+
+
+def mixing_name(args) -> str:
+    """The run name's part for CutMix and the rule switch; empty for plain mixup (today's names)."""
+    parts = [f"_cut{args.cutmix_alpha:g}"] if args.cutmix_alpha > 0 else []
+    if args.mix_prob != 1:
+        parts.append(f"_p{args.mix_prob:g}")
+    if args.switch_prob != SWITCH_PROB or (args.cutmix_alpha > 0 and args.mixup_alpha > 0):
+        parts.append(f"_sw{args.switch_prob:g}")
+    return "".join(parts)
 
 
 def default_feature_epochs(epochs: int) -> List[int]:
@@ -262,6 +308,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
+    if args.cutmix_alpha > 0 and args.mixup_layer != "input":
+        raise UsageError(f"--cutmix-alpha cuts boxes of input pixels; it cannot mix at --mixup-layer {args.mixup_layer}")
     if args.run_name is None:
         args.run_name = default_run_name(args)
     if "/" in args.run_name or args.run_name in ("", ".", ".."):

@@ -18,7 +18,8 @@ from data import Split
 from data.batches import Normalizer
 from layers import read_stages
 import ufm
-from mixup import default_triple, interpolate, lambda_grid, mixup_grid, triple_pair_types, triple_pairs
+from mixup import (box_weight, boxes_mask, default_triple, feature_rules, grid_boxes, interpolate, lambda_grid,
+                   mixup_grid, paste, triple_pair_types, triple_pairs)
 from models.base import FEATURES
 
 UFM_CURVE_POINTS = 51  # lambdas on the theory curve of each pair type
@@ -78,13 +79,22 @@ class FeatureCapture:
         self.pair_images = train.images[torch.from_numpy(unique)].to(device)
         self.local_a, self.local_b = torch.from_numpy(inverse).to(device).chunk(2)
         self.lam_device = torch.from_numpy(self.lam).float().to(device)
+        self.rules = feature_rules(cfg)
+        # CutMix points: the same pairs and grid, a box of area ~1 - lam per point, placed from the seed alone
+        height, width = train.images.shape[-2:]
+        self.boxes = grid_boxes(self.lam, height, width, cfg.seed)
+        self.box_mask = boxes_mask(torch.from_numpy(self.boxes).to(device), height, width)
+        self.box_lam = box_weight(self.boxes, height, width)  # the weight of x_a: its share of the pixels
         self.loss_name = cfg.loss
         self.loss_options = {"label_smoothing": cfg.label_smoothing, "mse_scale": cfg.mse_scale,
                              "focal_gamma": cfg.focal_gamma}
 
-    def mixed_inputs(self) -> torch.Tensor:
-        """lam * x_a + (1 - lam) * x_b on normalised images, as in training."""
+    def mixed_inputs(self, rule: str = "mixup") -> torch.Tensor:
+        """lam * x_a + (1 - lam) * x_b (mixup), or x_a with its box taken from x_b (cutmix), on normalised
+        images, as in training."""
         x = self.normalize(self.pair_images)
+        if rule == "cutmix":
+            return paste(x[self.local_a], x[self.local_b], self.box_mask)
         return interpolate(x[self.local_a], x[self.local_b], self.lam_device)
 
     def _features(self, model, x, autocast, layers=(), batch_size=None) -> tuple:
@@ -99,8 +109,8 @@ class FeatureCapture:
                     kept.append(vectors[name])
         return torch.cat(chunks), {name: torch.cat(kept) for name, kept in stage_chunks.items()}
 
-    def _mixup_features(self, model, autocast, layers) -> tuple:
-        x = self.mixed_inputs()
+    def _mixup_features(self, model, autocast, layers, rule: str = "mixup") -> tuple:
+        x = self.mixed_inputs(rule)
         if self.mode == "eval":
             return self._features(model, x, autocast, layers)
         # One batch, so that the batch statistics are those of all the mixup points together.
@@ -119,14 +129,15 @@ class FeatureCapture:
                                                                                   self.y_a != self.y_b)}
         return payload, geometry
 
-    def _ufm_entries(self, H_mix, weight, bias) -> tuple:
+    def _ufm_entries(self, H_mix, weight, bias, lam=None) -> tuple:
         """(fit metrics, s H* of the mixup points, theory curves) of the run's loss (ufm.fit), in float32 arrays.
 
         The theory curves are s h*(lam e_a + (1 - lam) e_b) over UFM_CURVE_POINTS lambdas for each pair
         type, in feature coordinates like the fitted points (uncentred, see ufm's "One convention").
         A solver failure leaves NaN metrics that say why, and no arrays, instead of stopping the run.
         """
-        targets, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, weight.shape[0])
+        lam = self.lam if lam is None else lam  # CutMix's: the pasted areas, its targets' weights
+        targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])
         start = time.perf_counter()
         try:
             fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, same_class=same_class,
@@ -147,7 +158,7 @@ class FeatureCapture:
                        "H": curves.float().cpu().numpy()}
         return metrics, fitted.H_fit.float().cpu().numpy(), curve_entry
 
-    def _etf_benchmark(self, H_mix, weight) -> dict:
+    def _etf_benchmark(self, H_mix, weight, lam=None) -> dict:
         """The fit against the simplex ETF nearest to W with no bias (collapse_metrics.nearest_simplex_etf):
         the classifier for which Fisher et al. 2024 derive the optimum. For an --etf-classifier run it is
         the run's own classifier; for a learned one, the paper's benchmark beside the run's own W and b."""
@@ -155,28 +166,42 @@ class FeatureCapture:
             etf = nearest_simplex_etf(weight)
         except ValueError as error:  # d < C - 1: no ETF fits in the feature space
             return ufm.unfitted_metrics(f"no simplex ETF benchmark: {error}")
-        targets, same_class = ufm_fit_inputs(self.lam, self.y_a, self.y_b, weight.shape[0])
+        lam = self.lam if lam is None else lam
+        targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])
         try:
             return ufm.fit(H_mix, targets, etf, None, self.loss_name, same_class=same_class,
                            **self.loss_options).metrics
         except ufm.SolverError as error:
             return ufm.unfitted_metrics(f"UFM solver failed: {error}")
 
+    def _cutmix_entries(self, model, autocast, class_means, weight, bias) -> tuple:
+        """(payload entry, geometry entry) of the CutMix points: mixup_geometry and the UFM fits of their
+        features against the same soft targets, weighted by the pasted areas."""
+        H_cut, _ = self._mixup_features(model, autocast, [], rule="cutmix")
+        geometry = mixup_geometry(H_cut, self.y_a, self.y_b, self.box_lam, class_means, weight, bias, pair=self.pair)
+        entry = {"H": H_cut.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.box_lam,
+                 "lam_grid": self.lam, "boxes": self.boxes, "index_a": self.index_a, "index_b": self.index_b,
+                 "pair": self.pair, "triple": list(self.triple), "feature_mode": self.mode}
+        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_cut, weight, bias, self.box_lam)
+        geometry["ufm_etf"] = self._etf_benchmark(H_cut, weight, self.box_lam)
+        entry.update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
+        return entry, geometry
+
     @torch.inference_mode()
     def capture(self, model, epoch: int, class_means: torch.Tensor, autocast, layer_means=None):
         """(payload for the features pickle, mixup_geometry dict) at this epoch.
 
-        `layer_means` ({stage: training class means}, from the NC pass of --nc-layers)
-        adds each stage's mixup vectors to the payload and its non-linearity to the geometry.
+        The mixup points' numbers sit at the top of the geometry and under the payload's `mixup`; the CutMix
+        points' (--feature-mix) under `cutmix` in both. `layer_means` ({stage: training class means}, from
+        the NC pass of --nc-layers) adds each stage's mixup vectors to the payload and its non-linearity to
+        the geometry.
         """
         model.eval()
         layer_means = layer_means or {}
         H_sample, _ = self._features(model, self.normalize(self.sample_images), autocast)
-        H_mix, stage_vectors = self._mixup_features(model, autocast, list(layer_means))
         weight = model.classifier.weight.double()
         bias = model.classifier.bias
         bias = bias.double() if bias is not None else torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device)
-        geometry = mixup_geometry(H_mix, self.y_a, self.y_b, self.lam, class_means, weight, bias, pair=self.pair)
         payload = {
             "epoch": epoch,
             "H": H_sample.cpu().numpy(),
@@ -185,16 +210,30 @@ class FeatureCapture:
             "class_means": class_means.cpu().numpy(),
             "W": weight.cpu().numpy(),
             "b": bias.cpu().numpy(),
-            "mixup": {
-                "H": H_mix.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.lam,
-                "index_a": self.index_a, "index_b": self.index_b, "pair": self.pair,
-                "triple": list(self.triple), "feature_mode": self.mode,
-            },
         }
+        geometry = {}
+        if "mixup" in self.rules:
+            payload["mixup"], geometry, layers = self._mixup_entries(model, autocast, class_means, weight, bias,
+                                                                     layer_means)
+            if layers is not None:
+                payload["layers"] = layers
+        if "cutmix" in self.rules:
+            payload["cutmix"], geometry["cutmix"] = self._cutmix_entries(model, autocast, class_means, weight, bias)
+        return payload, geometry
+
+    def _mixup_entries(self, model, autocast, class_means, weight, bias, layer_means) -> tuple:
+        """(payload entry, geometry, the payload's per-stage entries of --nc-layers or None) of the mixup points."""
+        H_mix, stage_vectors = self._mixup_features(model, autocast, list(layer_means))
+        geometry = mixup_geometry(H_mix, self.y_a, self.y_b, self.lam, class_means, weight, bias, pair=self.pair)
+        entry = {
+            "H": H_mix.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.lam,
+            "index_a": self.index_a, "index_b": self.index_b, "pair": self.pair,
+            "triple": list(self.triple), "feature_mode": self.mode,
+        }
+        layers = None
         if layer_means:
-            payload["layers"], geometry["layers"] = self._layer_entries(H_mix, payload["mixup"]["H"], stage_vectors,
-                                                                        layer_means)
+            layers, geometry["layers"] = self._layer_entries(H_mix, entry["H"], stage_vectors, layer_means)
         geometry["ufm"], H_ufm, curves = self._ufm_entries(H_mix, weight, bias)
         geometry["ufm_etf"] = self._etf_benchmark(H_mix, weight)
-        payload["mixup"].update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
-        return payload, geometry
+        entry.update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
+        return entry, geometry, layers

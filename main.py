@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from checkpoint import restore_state, saved_device_type
-from cli import RESUMABLE_CHANGES, UsageError, default_feature_epochs, parse_args
+from cli import RESUMABLE_CHANGES, UsageError, build_parser, default_feature_epochs, parse_args
 from collapse_metrics import simplex_etf
 from compilation import compile_with_fallback, compiling
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
@@ -32,6 +32,7 @@ from distributed import DistContext, init_from_environment, shard_indices, shutd
 from feature_capture import FeatureCapture, first_per_class
 from layers import INPUT, RANDOM, ManifoldMixer, manifold_mixup_choices, resolve_layers
 from losses import build_loss
+from mixup import feature_rules, rule_name
 from models import build_model
 from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, lock_run_folder, read_checkpoint
 from train import Diverged, Generators, Interrupted, Run, make_autocast, make_eval_autocast, run_epochs
@@ -269,6 +270,7 @@ def resolved_config(args, flags: dict, argv, info: DatasetInfo, run: Run, train:
         num_classes=info.num_classes, channels=info.channels, image_size=info.image_size,
         num_train=len(train), num_test=len(test), feature_dim=run.model.feature_dim,
         layer_names=list(run.model.stages), nc_layers=run.nc_layers, mixup_layers=run.mixup_layers,
+        mix_rule=rule_name(args), feature_mix=feature_rules(args),
         num_parameters=sum(p.numel() for p in run.model.parameters()),
         device=str(run.device), world_size=run.dist.world,
         device_name=torch.cuda.get_device_name(run.device) if run.device.type == "cuda" else platform.processor() or "cpu",
@@ -324,8 +326,10 @@ def open_run_folder(args, folder: str, dist: DistContext):
 
 
 def check_resume_flags(saved_flags: dict, flags: dict) -> None:
+    # a flag added after the run was saved (--cutmix-alpha, ...) trained at its default, whatever it is now
+    defaults = json.loads(json.dumps(vars(build_parser().parse_args([]))))
     changed = [key for key in sorted(set(saved_flags) | set(flags))
-               if key not in RESUMABLE_CHANGES and saved_flags.get(key) != flags.get(key)]
+               if key not in RESUMABLE_CHANGES and saved_flags.get(key, defaults.get(key)) != flags.get(key)]
     if changed:
         listing = ", ".join(f"--{k.replace('_', '-')} {flags.get(k)!r} (saved {saved_flags.get(k)!r})" for k in changed)
         raise UsageError(f"--resume: flags differ from the saved run: {listing}")

@@ -1,14 +1,17 @@
-"""Mixup (Zhang et al. 2017): lambda sampling, pairing, mixed inputs, soft targets.
+"""Mixup (Zhang et al. 2017) and CutMix (Yun et al. 2019): lambda sampling, pairing, mixed inputs, soft targets.
 
 lambda ~ Beta(alpha, alpha) is drawn for a whole epoch at once from a seeded
 numpy Generator (torch has no Beta sampler that takes a generator) and moved
 to the device in one copy; pairing permutations come from a device
 torch.Generator. So no training step waits on the host, and CPU and GPU runs
-of one seed see the same lambdas.
+of one seed see the same lambdas. CutMix's boxes and the per-batch choice of
+rule (--mix-prob, --switch-prob) are drawn the same way, after mixup's lambdas
+and only when asked for, so plain mixup runs keep their random streams.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from dataclasses import dataclass
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -99,3 +102,139 @@ def mixup_grid(index_a: np.ndarray, index_b: np.ndarray, lambdas: np.ndarray):
     """Every pair at every lambda: flat (index_a, index_b, lam), lambda-major."""
     lam = np.repeat(lambdas, index_a.size)
     return np.tile(index_a, lambdas.size), np.tile(index_b, lambdas.size), lam
+
+
+# ---------------------------------------------------------------- CutMix (Yun et al. 2019) and the rule switch
+
+MIX_RULES = ("mixup", "cutmix")
+BOX_STREAM = 24  # second word of the feature boxes' seed: a stream apart from every other one drawn from --seed
+
+
+def box_sides(lam: torch.Tensor, centre: torch.Tensor, size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[low, high) pixel bounds, along one axis of `size` pixels, of a box side of length size * sqrt(1 - lam)
+    centred at `centre` (pixels); the ends are rounded to pixels, then clipped at the border."""
+    half = size * torch.sqrt((1 - lam).clamp(min=0)) / 2
+    low = torch.floor(centre - half + 0.5).clamp(0, size)
+    high = torch.floor(centre + half + 0.5).clamp(0, size)
+    return low, high
+
+
+def box_masks(lam: torch.Tensor, centre: torch.Tensor, height: int, width: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of nominal area fraction 1 - lam around `centre` ((n, 2) fractions of height and width), as masks.
+
+    Returns (mask (n, 1, height, width) bool, the weight left to each image: 1 - the box's true area after
+    rounding and clipping (n,) float32). Built from coordinate comparisons: no loop over boxes.
+    """
+    lam = lam.float()
+    top, bottom = box_sides(lam, centre[:, 0].float() * height, height)
+    left, right = box_sides(lam, centre[:, 1].float() * width, width)
+    rows = torch.arange(height, device=lam.device, dtype=torch.float32)
+    cols = torch.arange(width, device=lam.device, dtype=torch.float32)
+    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < right[:, None])
+    area = (bottom - top) * (right - left)
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None], 1 - area / (height * width)
+
+
+def paste(x_a: torch.Tensor, x_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x_a with the pixels under `mask` (all channels) taken from x_b."""
+    return torch.where(mask, x_b, x_a)
+
+
+def cutmix_batch(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, centre: torch.Tensor,
+                 cut: Optional[torch.Tensor], generator: torch.Generator, num_classes: int):
+    """CutMixed inputs and their soft targets, weighted by the pasted boxes' true areas.
+
+    `lam` and `centre` are (1,) and (1, 2) for one box per batch, or (B,) and (B, 2) per sample; `cut`
+    (B,) bool, when given, picks CutMix per sample and mixup (weight lam) for the others.
+    """
+    partner = pair_permutation(x.shape[0], generator, x.device)
+    x_b = x[partner]
+    mask, weight = box_masks(lam, centre, x.shape[-2], x.shape[-1])
+    mixed = paste(x, x_b, mask)
+    if cut is not None:
+        mixed = torch.where(cut.reshape(-1, 1, 1, 1), mixed, interpolate(x, x_b, lam))
+        weight = torch.where(cut, weight, lam.float())
+    return mixed, soft_targets(y, y[partner], weight, num_classes)
+
+
+@dataclass
+class MixingDraws:
+    """One epoch's host-side draws of the mixing rule, (steps,) per batch or (steps, B) per sample."""
+    lam: np.ndarray     # weight of the image itself: mixup's lambda, or CutMix's nominal one; 1 where not mixed
+    mixed: np.ndarray   # bool: mixed at all (--mix-prob)
+    cut: np.ndarray     # bool: CutMix instead of mixup (--switch-prob)
+    centre: np.ndarray  # (..., 2) CutMix box centres, fractions of height and width
+
+
+def sample_mixing(rng: np.random.Generator, mixup_lams: np.ndarray, mixup_alpha: float, cutmix_alpha: float,
+                  mix_prob: float, switch_prob: float) -> MixingDraws:
+    """The rest of an epoch's draws, after mixup's lambdas (`mixup_lams`, from sample_lambdas).
+
+    Nothing more is drawn for plain mixup (cutmix_alpha 0, mix_prob 1): its runs keep their streams.
+    """
+    shape = mixup_lams.shape
+    mixed = rng.random(shape) < mix_prob if mix_prob < 1 else np.ones(shape, dtype=bool)
+    if cutmix_alpha == 0:
+        return MixingDraws(np.where(mixed, mixup_lams, 1.0), mixed, np.zeros(shape, dtype=bool),
+                           np.zeros((*shape, 2)))
+    cut = rng.random(shape) < switch_prob if mixup_alpha > 0 else np.ones(shape, dtype=bool)
+    lam = np.where(cut, rng.beta(cutmix_alpha, cutmix_alpha, size=shape), mixup_lams)
+    return MixingDraws(np.where(mixed, lam, 1.0), mixed, cut, rng.random((*shape, 2)))
+
+
+def mixes(cfg) -> bool:
+    """Whether training mixes at all (either rule, with a non-zero chance)."""
+    return (cfg.mixup_alpha > 0 or cfg.cutmix_alpha > 0) and cfg.mix_prob > 0
+
+
+def rule_name(cfg) -> str:
+    """none, mixup, cutmix or switch: the rule a run trains with (a config key to group runs by)."""
+    if not mixes(cfg):
+        return "none"
+    return {(True, False): "mixup", (False, True): "cutmix"}.get((cfg.mixup_alpha > 0, cfg.cutmix_alpha > 0),
+                                                                  "switch")
+
+
+def feature_rules(cfg) -> list:
+    """The rules whose mixed points the feature epochs measure: --feature-mix, else the run's rules
+    (mixup for a run that does not mix, as before CutMix existed). A configuration made before these
+    flags existed (a notebook's namespace without them) measures mixup's points, as it did then."""
+    chosen = getattr(cfg, "feature_mix", None)
+    if chosen:
+        return [rule for rule in MIX_RULES if rule in chosen]
+    alphas = (getattr(cfg, "mixup_alpha", 0.0), getattr(cfg, "cutmix_alpha", 0.0))
+    rules = [rule for rule, alpha in zip(MIX_RULES, alphas) if alpha > 0]
+    return rules or ["mixup"]
+
+
+def grid_boxes(lambdas: np.ndarray, height: int, width: int, seed: int) -> np.ndarray:
+    """(n, 4) int boxes (top, bottom, left, right) of the measurement's CutMix points, one per point of
+    the grid (`lambdas`: each point's lambda, as mixup_grid gives them).
+
+    height * sqrt(1 - lam) rows, rounded, and the whole number of columns that brings the area closest
+    to 1 - lam, so the pasted area depends on lambda alone (every pair at one grid lambda carries the same
+    weight); placed wholly inside the image at a position drawn from `seed` alone: every feature epoch,
+    and a resumed run, sees the same boxes.
+    """
+    rng = np.random.default_rng([seed, BOX_STREAM])
+    share = np.clip(1 - np.asarray(lambdas, dtype=np.float64), 0, 1)
+    rows = np.rint(height * np.sqrt(share)).astype(int)
+    cols = np.where(rows > 0, np.rint(share * height * width / np.maximum(rows, 1)), 0).clip(0, width).astype(int)
+    top = (rng.random(rows.size) * (height - rows + 1)).astype(int)
+    left = (rng.random(cols.size) * (width - cols + 1)).astype(int)
+    return np.stack([top, top + rows, left, left + cols], axis=1)
+
+
+def box_weight(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
+    """1 - the area fraction of each (top, bottom, left, right) box: the weight left to the image itself."""
+    return 1 - (boxes[:, 1] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 2]) / (height * width)
+
+
+def boxes_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(n, 1, height, width) bool masks of integer (top, bottom, left, right) boxes."""
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])
+    in_cols = (cols >= boxes[:, 2:3]) & (cols < boxes[:, 3:4])
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]

@@ -32,7 +32,8 @@ from data.batches import Normalizer, TrainBatches, eval_batches
 from distributed import DistContext
 from feature_capture import FeatureCapture
 from layers import INPUT, LayerStatistics, ManifoldMixer, read_stages
-from mixup import mixup_batch, pair_permutation, sample_lambdas, soft_targets
+from mixup import (MixingDraws, cutmix_batch, mixes, mixup_batch, pair_permutation, sample_lambdas, sample_mixing,
+                   soft_targets)
 from models.base import FEATURES
 
 ECE_BINS = 15
@@ -205,10 +206,11 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
     # Drawn after the lambdas, so that input mixup keeps its streams; one stage name per step.
     places = [run.mixup_layers[0]] * len(batches) if len(run.mixup_layers) == 1 else \
         [run.mixup_layers[i] for i in run.generators.lam.integers(len(run.mixup_layers), size=len(batches))]
-    lams = torch.from_numpy(lams).float()
-    if device.type == "cuda":
-        lams = lams.pin_memory()  # a pinned source makes the one copy of the epoch asynchronous
-    lams = lams.to(device, non_blocking=True)
+    # Then CutMix and the choice of rule, only when asked for (plain mixup draws nothing more).
+    draws = sample_mixing(run.generators.lam, lams, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.mix_prob,
+                          cfg.switch_prob)
+    lams = to_device(draws.lam, device)
+    cutmix = CutMixSteps(draws, lams, device, cfg) if cfg.cutmix_alpha > 0 else None
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     readout = LaggedReadout(device)
     bar = tqdm(total=len(batches), desc=f"epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
@@ -219,11 +221,13 @@ def train_one_epoch(run: Run, epoch: int) -> torch.Tensor:
         if run.stop.requested and not run.dist.enabled:
             bar.close()
             raise Interrupted(run.stop.signum)
-        if cfg.mixup_alpha > 0:
+        if not mixes(cfg) or not (cfg.mixup_per_sample or draws.mixed[step]):  # a host bool: no sync
+            targets = F.one_hot(y, run.num_classes).float()
+        elif cutmix is not None and cutmix.applies(step):
+            x, targets = cutmix.batch(run, x, y, step)
+        else:
             x, targets = mixed_batch(run, x, y, lams[step, :y.shape[0]] if cfg.mixup_per_sample else lams[step],
                                      places[step])
-        else:
-            targets = F.one_hot(y, run.num_classes).float()
         with run.autocast():
             logits = model(x)
         if run.mixer is not None:
@@ -260,6 +264,37 @@ def mixed_batch(run: Run, x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor, p
     partner = pair_permutation(x.shape[0], run.generators.pairs, x.device)
     run.mixer.arm(place, lam, partner)
     return x, soft_targets(y, y[partner], lam, run.num_classes)
+
+
+def to_device(values: np.ndarray, device: torch.device) -> torch.Tensor:
+    """An epoch's draws as float32 on the device, in one copy that does not wait (pinned source on CUDA)."""
+    values = torch.from_numpy(values).float()
+    if device.type == "cuda":
+        values = values.pin_memory()  # a pinned source makes the one copy of the epoch asynchronous
+    return values.to(device, non_blocking=True)
+
+
+class CutMixSteps:
+    """An epoch's CutMix draws on the device; which steps cut is read from the host copy (no sync)."""
+
+    def __init__(self, draws: MixingDraws, lam: torch.Tensor, device: torch.device, cfg):
+        self.draws, self.lam, self.per_sample = draws, lam, cfg.mixup_per_sample
+        self.centre = to_device(draws.centre, device)
+        # per sample with both rules, each sample picks its own; otherwise every sample of a step shares it
+        self.cut = to_device(draws.cut, device).bool() if self.per_sample and cfg.mixup_alpha > 0 else None
+
+    def applies(self, step: int) -> bool:
+        return self.per_sample or bool(self.draws.cut[step])
+
+    def batch(self, run: Run, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple:
+        if not self.per_sample:
+            rows = slice(step, step + 1)  # one box for the whole batch
+            return cutmix_batch(x, y, self.lam[rows], self.centre[rows], None, run.generators.pairs,
+                                run.num_classes)
+        size = y.shape[0]
+        cut = None if self.cut is None else self.cut[step, :size]
+        return cutmix_batch(x, y, self.lam[step, :size], self.centre[step, :size], cut, run.generators.pairs,
+                            run.num_classes)
 
 
 @torch.inference_mode()
@@ -403,7 +438,7 @@ def finish_epoch(run: Run, record: dict) -> None:
     run.history.append(record)
     run.log.write_metrics(run.history, "running")
     if run.dist.is_main:
-        print(summary_line(record, run.cfg.epochs, mixup=run.cfg.mixup_alpha > 0), flush=True)
+        print(summary_line(record, run.cfg.epochs, mixup=mixes(run.cfg)), flush=True)
 
 
 def summary_line(record: dict, epochs: int, mixup: bool) -> str:

@@ -8,6 +8,7 @@
     python utils.py representations runs/x --epochs 1,10,last --samples
     python utils.py representations runs/x --theory          # with the UFM optimum's curves
     python utils.py representations runs/x --layer hidden1   # at a stage below the classifier
+    python utils.py representations runs/x --mix cutmix      # the CutMix points of the class triple
     python utils.py layers runs/x runs/y --epochs 0,10,last  # NC1, NCC error, non-linearity against depth
 
 A RUN is a run folder, a glob of run folders, or a parent folder (a sweep):
@@ -26,7 +27,7 @@ from typing import List, Optional
 from plotting.depth import layers_figure
 from plotting.figures import calibration_figure, compare_figure, curves_figure, nc_figure
 from plotting.groups import check_distinct_seeds, describe_mixing, group_runs
-from plotting.loading import RunError, load_runs
+from plotting.loading import MIXED_POINTS, RunError, load_runs
 from plotting.metrics import BANDS, SPLITS, check_layer_stages, errors_for_accuracies, parse_metric_list
 from plotting.representations import VIEWS, representations_figure
 from plotting.style import DEFAULT_DPI, check_output_path, figure_style, save_figure
@@ -148,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  help="triangle view: also draw the optimum of the unconstrained-features model "
                                       "fitted at each epoch (a dark curve over lambda per different-class pair "
                                       "type, a dark marker per same-class one) and its residual")
+    representations.add_argument("--mix", metavar="RULE", choices=MIXED_POINTS, default="mixup",
+                                 help="triangle view: whose class-triple points, mixup's (interpolated images) or "
+                                      "cutmix's (a box of 1 - lambda of x_a's area from x_b; a run trained with "
+                                      "CutMix or --feature-mix cutmix) (default: mixup)")
     representations.add_argument("--layer", metavar="STAGE", default=None,
                                  help="triangle view at a stage of the model (a run with --nc-layers): the mixup "
                                       "points' vectors there, on the plane where the triple's class means at "
@@ -242,7 +247,10 @@ def triangle_options(args) -> TriangleOptions:
     if args.samples and args.layer not in (None, FEATURES):
         raise UsageError(f"--samples: the features pickle keeps the clean samples' vectors of the last layer "
                          f"only, not of {args.layer}")
-    return TriangleOptions(samples=args.samples, theory=args.theory, layer=args.layer)
+    if args.mix != "mixup" and (args.view != "triangle" or args.layer):
+        raise UsageError(f"--mix {args.mix} draws the classifier plane of the triangle view (its points are "
+                         f"measured at the last layer only)")
+    return TriangleOptions(samples=args.samples, theory=args.theory, layer=args.layer, rule=args.mix)
 
 
 def command_representations(args) -> None:

@@ -29,13 +29,13 @@ COMPLETE = "complete"
 BOOKKEEPING_KEYS = frozenset({
     "seed", "run_name", "out_dir", "data_dir", "download", "progress", "overwrite", "resume", "checkpoint_every",
     "device", "eval_batch_size", "nc_every", "nc_layers", "feature_epochs", "feature_samples_per_class",
-    "feature_classes", "feature_lambdas", "feature_pairs", "feature_mode",
+    "feature_classes", "feature_lambdas", "feature_pairs", "feature_mode", "feature_mix",
 })
 # Keys the run derives or measures about its environment; used only when a config lacks "flags".
 DERIVED_KEYS = frozenset({
     "flags", "command", "git_commit", "device_name", "torch_version", "torchvision_version", "python_version",
     "num_parameters", "feature_dim", "num_classes", "channels", "image_size", "num_train", "num_test",
-    "world_size",
+    "world_size", "mix_rule",
 })
 # Tableau's qualitative colours without grey and cyan (too close to blue), in this
 # order for the sorted values of the first grouping key.

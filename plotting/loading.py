@@ -182,6 +182,7 @@ def features_path(folder: str, epoch: int) -> str:
 
 REQUIRED_FEATURE_KEYS = ("H", "y", "W", "class_means")
 REQUIRED_MIXUP_KEYS = ("H", "y_a", "y_b", "lam", "triple")
+MIXED_POINTS = ("mixup", "cutmix")  # the payload keys of the class-triple points of each mixing rule
 
 
 def load_features(folder: str, epoch: int) -> Dict:
@@ -190,9 +191,10 @@ def load_features(folder: str, epoch: int) -> Dict:
     payload = load_pickle(path)
     if not isinstance(payload, dict) or any(key not in payload for key in REQUIRED_FEATURE_KEYS):
         raise RunError(f"{path}: not a features file (needs {', '.join(REQUIRED_FEATURE_KEYS)})")
-    mixup = payload.get("mixup")
-    if not isinstance(mixup, dict) or any(key not in mixup for key in REQUIRED_MIXUP_KEYS):
-        raise RunError(f"{path}: no mixup points (needs mixup with {', '.join(REQUIRED_MIXUP_KEYS)})")
+    # a run measures the points of its mixing rules (--feature-mix): mixup's, CutMix's or both
+    points = [payload.get(rule) for rule in MIXED_POINTS if rule in payload]
+    if not points or any(not isinstance(p, dict) or any(key not in p for key in REQUIRED_MIXUP_KEYS) for p in points):
+        raise RunError(f"{path}: no mixup points (needs mixup or cutmix with {', '.join(REQUIRED_MIXUP_KEYS)})")
     return payload
 
 

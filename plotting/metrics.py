@@ -4,7 +4,8 @@ A metric name is what a user types after --metric: a record field
 (`test_acc`), a derived one (`train_err`), an NC metric of a split
 (`train.nc1`, or bare `nc1` for the split chosen by --split), a mixup
 geometry number (`same_class_alignment`), a number of the UFM fit to the
-mixup points (`ufm_residual`), or a per-layer number of a run measured with
+mixup points (`ufm_residual`), the same two of the CutMix points
+(`cutmix.diff_class_nonlinearity`, `cutmix.ufm_residual`), or a per-layer number of a run measured with
 --nc-layers (`layer.hidden1.nc1`, `layer.hidden1.ncc_err`).
 """
 from __future__ import annotations
@@ -75,6 +76,7 @@ UFM_METRICS = {
                                "per-target means", "relative residual", False),
 }
 UFM_FITS = {"": "ufm", "etf:": "ufm_etf"}  # key prefix -> the fit's entry in mixup_geometry
+CUTMIX_PREFIX = "cutmix."  # the geometry and UFM numbers of the CutMix points
 # Per-layer numbers, `layer.<stage>.<key>`: the keys of nc_layers (collapse_metrics.LAYER_METRIC_KEYS),
 # the nearest-class-mean accuracy or error there, and the mixup non-linearity at that stage.
 LAYER_PREFIX = "layer."
@@ -122,6 +124,11 @@ def _ufm(key: str) -> Callable[[dict], Optional[float]]:
     prefix, _, name = key.rpartition(":")
     entry = UFM_FITS[f"{prefix}:" if prefix else ""]
     return lambda record: ((record.get("mixup_geometry") or {}).get(entry) or {}).get(name)
+
+
+def _cutmix(read: Callable[[dict], Optional[float]]) -> Callable[[dict], Optional[float]]:
+    """`read` applied to the CutMix points' geometry (mixup_geometry["cutmix"]), laid out like mixup's."""
+    return lambda record: read({"mixup_geometry": (record.get("mixup_geometry") or {}).get("cutmix")})
 
 
 def _layer_nc(stage: str, key: str) -> Callable[[dict], Optional[float]]:
@@ -186,6 +193,10 @@ def _build_registry() -> Dict[str, Metric]:
         metrics.append(Metric(key, title, label, False, _geometry(key)))
     for name, (key, title, label, log) in UFM_METRICS.items():
         metrics.append(Metric(name, title, label, log, _ufm(key)))
+    # the same numbers of the CutMix points (--feature-mix cutmix): cutmix.<name>
+    for metric in [m for m in metrics if m.name in GEOMETRY_METRICS or m.name in UFM_METRICS]:
+        metrics.append(Metric(f"{CUTMIX_PREFIX}{metric.name}", f"{metric.title} (CutMix points)".replace("mixup: ", ""),
+                              metric.label, metric.log, _cutmix(metric.read)))
     return {metric.name: metric for metric in metrics}
 
 
@@ -230,7 +241,8 @@ def resolve_metric(name: str, split: str = "train") -> Metric:
     if name not in METRICS:
         bare = sorted(n for n in METRICS if "." not in n) + sorted(NC_METRICS)
         raise RunError(f"unknown metric {name!r}; choose from {', '.join(bare)} "
-                       f"(NC keys may be prefixed train. or test.; per-layer ones are layer.STAGE.KEY)")
+                       f"(NC keys may be prefixed train. or test.; geometry and ufm_ ones {CUTMIX_PREFIX} for the "
+                       f"CutMix points; per-layer ones are layer.STAGE.KEY)")
     return METRICS[name]
 
 

@@ -22,7 +22,8 @@ from .groups import Group, common_description
 from .labels import PointLabel, layout_now, place_labels
 from .loading import RunError, feature_epochs, load_features, named_epochs
 from .style import characters_in, figure_legend, new_figure, set_title, wrap_label
-from .triangle import Panel, TriangleOptions, draw_triangle_view, mean_of_means, triangle_heading, triangle_legend
+from .triangle import (Panel, TriangleOptions, draw_triangle_view, mean_of_means, mixed_points, triangle_heading,
+                       triangle_legend)
 
 VIEWS = ("triangle", "means", "cosines")
 DEFAULT_PANELS = 4  # epochs shown when --epochs is not given: spread over the feature epochs
@@ -198,7 +199,8 @@ def representations_figure(groups: Sequence[Group], epochs_text: Optional[str], 
     else:
         figure, pending = _point_views_figure(rows, view, options)
     if view == "triangle":
-        heading = triangle_heading({tuple(row[0].payload["mixup"]["triple"]) for row in rows}, options)
+        rule = "mixup" if options.layer is not None else options.rule  # stages hold the mixup points only
+        heading = triangle_heading({tuple(mixed_points(row[0], rule)["triple"]) for row in rows}, options)
     else:
         heading = HEADINGS[view]
     runs = [run for group in groups for run in group.runs]

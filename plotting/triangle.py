@@ -85,6 +85,7 @@ class TriangleOptions:
     samples: bool = False   # also the clean training samples of the triple
     theory: bool = False    # the UFM optimum's curves (classifier plane)
     layer: Optional[str] = None  # a stage's class-mean plane instead of the classifier plane
+    rule: str = "mixup"     # whose mixed points: mixup's (interpolated) or cutmix's (a pasted box)
 
 
 def triangle_vertices() -> np.ndarray:
@@ -127,8 +128,18 @@ def _geometry(run: Run, epoch: int) -> dict:
     return (run.record_at(epoch) or {}).get("mixup_geometry") or {}
 
 
-def _geometry_note(run: Run, epoch: int) -> str:
+def mixed_points(panel: Panel, rule: str) -> dict:
+    """The payload's class-triple points of a mixing rule; refuses a run that did not measure them."""
+    if rule not in panel.payload:
+        raise RunError(f"{features_path(panel.run.folder, panel.epoch)}: no {rule} points in this features pickle "
+                       f"(train the run with --feature-mix {rule})")
+    return panel.payload[rule]
+
+
+def _geometry_note(run: Run, epoch: int, rule: str = "mixup") -> str:
     geometry = _geometry(run, epoch)
+    if rule != "mixup":  # the other rules' numbers sit under their name
+        geometry = geometry.get(rule) or {}
     align, nonlin = geometry.get("same_class_alignment"), geometry.get("diff_class_nonlinearity")
     if align is None or nonlin is None:
         return ""
@@ -177,9 +188,9 @@ def _draw_clean_samples(ax, payload: dict, triple: Sequence[int], project) -> Li
 
 # ---------------------------------------------------------------- the UFM optimum
 
-def _ufm_fit(panel: Panel) -> tuple:
+def _ufm_fit(panel: Panel, rule: str = "mixup") -> tuple:
     """(fit numbers, theory curves or None) of the panel's pickle; refuses a pickle from before the fit."""
-    mixup = panel.payload["mixup"]
+    mixup = mixed_points(panel, rule)
     if not isinstance(mixup.get("ufm"), dict) or "ufm_curves" not in mixup:
         raise RunError(f"{features_path(panel.run.folder, panel.epoch)}: no UFM fit in this features pickle "
                        f"(written before the fit existed); train the run again to draw --theory")
@@ -227,7 +238,7 @@ def _theory_marker(ax, point: np.ndarray) -> None:
 # ---------------------------------------------------------------- the classifier plane
 
 def classifier_view(ax, panel: Panel, options: TriangleOptions) -> None:
-    payload, mixup = panel.payload, panel.payload["mixup"]
+    payload, mixup = panel.payload, mixed_points(panel, options.rule)
     triple = [int(c) for c in mixup["triple"]]
     W3 = np.asarray(payload["W"], dtype=np.float64)[triple]
     projection, centre = triangle_projection(W3), mean_of_means(payload["class_means"])
@@ -239,7 +250,7 @@ def classifier_view(ax, panel: Panel, options: TriangleOptions) -> None:
     _draw_mixup_points(ax, drawn[0], mixup)
     note = ""
     if options.theory:
-        fit, curves = _ufm_fit(panel)
+        fit, curves = _ufm_fit(panel, options.rule)
         note = theory_note(fit)
         if curves is not None and not fit.get("nan_reason"):
             draw_theory(ax, curves, projection, centre)
@@ -251,7 +262,7 @@ def classifier_view(ax, panel: Panel, options: TriangleOptions) -> None:
     # rows dependent in another way than a 3-class simplex's admit no exact map: say so
     exact = triangle_error(W3, projection) <= TRIANGLE_TOLERANCE
     caveat = "" if exact else "\n(dependent classifier rows: triangle approximate)"
-    _title(ax, f"epoch {panel.epoch}{_geometry_note(panel.run, panel.epoch)}{note}{caveat}")
+    _title(ax, f"epoch {panel.epoch}{_geometry_note(panel.run, panel.epoch, options.rule)}{note}{caveat}")
 
 
 # ---------------------------------------------------------------- a stage's class-mean plane
@@ -308,7 +319,7 @@ def _draw_vertices(ax, triple: Sequence[int]) -> None:
 
 
 def stage_view(ax, panel: Panel, options: TriangleOptions) -> None:
-    mixup, stage = panel.payload["mixup"], options.layer
+    mixup, stage = mixed_points(panel, "mixup"), options.layer
     triple = [int(c) for c in mixup["triple"]]
     H, class_means = stage_arrays(panel, stage)
     projection, centre = stage_projection(class_means, triple, stage)
@@ -333,7 +344,9 @@ def triangle_heading(triples: Sequence[tuple], options: TriangleOptions) -> str:
     if options.layer is not None:
         return f"Mixup features at stage {options.layer} on the plane of the class means of classes {classes}"
     theory = ", with the optimum of the unconstrained-features model" if options.theory else ""
-    return f"Mixup features on the classifier-simplex plane of classes {classes}{theory}"
+    points = "CutMix features (x_a with a box of 1 - lambda of its area from x_b)" if options.rule == "cutmix" \
+        else "Mixup features"
+    return f"{points} on the classifier-simplex plane of classes {classes}{theory}"
 
 
 def triangle_legend(figure: Figure, axes, options: TriangleOptions) -> None:

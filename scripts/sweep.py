@@ -8,9 +8,11 @@
     python scripts/sweep.py <grid flags> --index 7       # entry 7 only (one SLURM array task)
 
 Flags after `--` go to every main.py run unchanged. Grid order is datasets, models,
-losses, alphas, seeds (seeds vary fastest), so entry i is the same run on every machine.
+losses, alphas, rules, seeds (seeds vary fastest), so entry i is the same run on every machine.
+--rules mixup,cutmix,switch makes the mixing rule a dimension: each sets main.py's
+--mixup-alpha and --cutmix-alpha from the grid's alpha (mixup: A, 0; cutmix: 0, A; switch: A, A).
 
-A run is named <dataset>_<model>_<loss>_a<alpha>_s<seed> (main.py's default name), plus
+A run is named <dataset>_<model>_<loss>_a<alpha>[_cut<A>...]_s<seed> (main.py's default name), plus
 _<flag>=<value> for each flag after `--` that differs from main.py's default and that a
 resume may not change (so sweeps with different settings never share a folder). Its folder
 <out-dir>/<name>/ holds main.py's files and the run's stdout.log and stderr.log (appended
@@ -77,14 +79,20 @@ STDERR_TAIL_BYTES = 4096  # enough to find the one-line error main.py prints las
 
 # The grid, outermost first: main.py's flag (by its argparse dest), the sweep's flag, its metavar.
 GRID_DIMENSIONS = (("dataset", "--datasets", "NAMES"), ("model", "--models", "NAMES"), ("loss", "--losses", "NAMES"),
-                   ("mixup_alpha", "--alphas", "A,A,..."), ("seed", "--seeds", "S,S,..."))
+                   ("mixup_alpha", "--alphas", "A,A,..."), ("mix_rule", "--rules", "RULES"),
+                   ("seed", "--seeds", "S,S,..."))
+# The mixing rule is no single main.py flag: each value sets both alphas, from the grid's alpha (the Beta
+# parameter of whichever rule mixes), as (mixup_alpha, cutmix_alpha); "switch" is timm's per-batch choice.
+RULE_DIMENSION = "mix_rule"
+RULE_ALPHAS = {"mixup": ("A", "0"), "cutmix": ("0", "A"), "switch": ("A", "A")}
 # main.py flags the sweep sets itself, and what to use instead of passing them after `--`.
-SWEEP_OWNED = {**{dest: f"use the sweep's {flag}" for dest, flag, _ in GRID_DIMENSIONS},
+SWEEP_OWNED = {**{dest: f"use the sweep's {flag}" for dest, flag, _ in GRID_DIMENSIONS if dest != RULE_DIMENSION},
+               "cutmix_alpha": "use the sweep's --rules cutmix or switch (with --alphas as its Beta parameter)",
                "out_dir": "use the sweep's --out-dir", "run_name": "the sweep names every run",
                "device": "the sweep picks the device from --gpus", "resume": "the sweep always resumes",
                "overwrite": "delete a run folder by hand to start that run again"}
 # Flags that do not make a different run (a resume may change them), so they stay out of the name.
-NAME_NEUTRAL = frozenset(cli.RESUMABLE_CHANGES) | frozenset(SWEEP_OWNED)
+NAME_NEUTRAL = frozenset(cli.RESUMABLE_CHANGES) | frozenset(SWEEP_OWNED) | frozenset(cli.NAMED_MIXING_FLAGS)
 
 
 class UsageError(Exception):
@@ -114,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
                          usage=f"{PROG} [grid flags] [--gpus IDS] [--dry-run | --count | --index I] [-- main.py flags]")
     grid = parser.add_argument_group("grid (comma-separated lists; every combination is one run)")
     for dest, flag, metavar in GRID_DIMENSIONS:
-        grid.add_argument(flag, default=None, metavar=metavar,
-                          help=f"values of main.py --{dest.replace('_', '-')} (default: main.py's default)")
+        what = (f"mixing rules: {', '.join(RULE_ALPHAS)} (each value sets main.py's --mixup-alpha and "
+                f"--cutmix-alpha from --alphas; default: the alphas alone, no CutMix)") if dest == RULE_DIMENSION \
+            else f"values of main.py --{dest.replace('_', '-')} (default: main.py's default)"
+        grid.add_argument(flag, default=None, metavar=metavar, help=what)
     where = parser.add_argument_group("where the runs go")
     where.add_argument("--out-dir", default=out_dir, metavar="DIR",
                        help=f"parent folder of the run folders (default: {out_dir})")
@@ -230,10 +240,14 @@ def expand_grid(args, extras: List[str]) -> List[Entry]:
     for dest, flag, _ in GRID_DIMENSIONS:
         given = getattr(args, flag[2:])
         values = comma_list(given, flag) if given is not None else [None]  # None: main.py's default
-        dimensions.append([[f"--{dest.replace('_', '-')}", value] if value is not None else [] for value in values])
+        if dest == RULE_DIMENSION:
+            unknown = [value for value in values if value is not None and value not in RULE_ALPHAS]
+            if unknown:
+                raise UsageError(f"--rules {given!r}: unknown rule {unknown[0]!r} (rules: {', '.join(RULE_ALPHAS)})")
+        dimensions.append([(dest, value) for value in values])
     entries, seen = [], {}
     for combination in itertools.product(*dimensions):
-        grid = [token for flag_and_value in combination for token in flag_and_value]
+        grid = grid_tokens(dict(combination))
         entry = make_entry(len(entries), grid, extras, args.out_dir, suffix)
         if entry.name in seen:
             raise UsageError(f"grid entries {seen[entry.name]} and {entry.index} would share the "
@@ -241,6 +255,16 @@ def expand_grid(args, extras: List[str]) -> List[Entry]:
         seen[entry.name] = entry.index
         entries.append(entry)
     return entries
+
+
+def grid_tokens(values: Dict[str, Optional[str]]) -> List[str]:
+    """main.py flags of one grid point ({dest: value, None for main.py's default}); a rule sets both alphas."""
+    rule = values.pop(RULE_DIMENSION)
+    if rule is not None:
+        alpha = values["mixup_alpha"] or format_value(cli.build_parser().get_default("mixup_alpha"))
+        values["mixup_alpha"], values["cutmix_alpha"] = (alpha if a == "A" else a for a in RULE_ALPHAS[rule])
+    return [token for dest, value in values.items() if value is not None
+            for token in (f"--{dest.replace('_', '-')}", value)]
 
 
 def make_entry(index: int, grid: List[str], extras: List[str], out_dir: str, suffix: str) -> Entry:
