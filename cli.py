@@ -108,7 +108,9 @@ def _nc_epochs(text: str) -> str:
     if text in ("all", "log"):
         return text
     if text.startswith("every:"):
-        positive_int(text[len("every:"):])
+        every = text[len("every:"):]
+        if not every.isdigit() or int(every) < 1:
+            raise argparse.ArgumentTypeError(f"every:K needs a whole number K >= 1, got {text}")
         return text
     negative = [e for e in _int_list(text) if e < 0]
     if negative or not _int_list(text):
@@ -310,7 +312,7 @@ def default_feature_epochs(epochs: int) -> List[int]:
     return sorted({int(round(e)) for e in spaced} | {epochs})
 
 
-def log_nc_epochs(epochs: int, count: int = LOG_NC_EPOCH_COUNT) -> List[int]:
+def log_nc_epochs(epochs: int, count: Optional[int] = None) -> List[int]:
     """About `count` log-spaced epochs in 1..epochs, the last included: Papyan et al.'s list at 350.
 
     Every epoch while a log spacing would step by less than one epoch; from the
@@ -319,6 +321,7 @@ def log_nc_epochs(epochs: int, count: int = LOG_NC_EPOCH_COUNT) -> List[int]:
     sequence from s to `epochs`, rounded. At 350 epochs s = 11 and the result is
     the epoch_list of Papyan, Han & Donoho's notebook (1-14, 16, 17, 19, ..., 320, 350).
     """
+    count = count or LOG_NC_EPOCH_COUNT
     if epochs <= count:
         return list(range(1, epochs + 1))
     import numpy as np
