@@ -195,3 +195,16 @@ def test_resume_under_log_schedule_and_wall_time_checkpoints_is_bit_identical(tm
     path = os.path.join("features", "epoch_0003.pkl")
     got, want = load(os.path.join(tmp_path, "cut", path)), load(os.path.join(tmp_path, "full", path))
     assert (got["H"] == want["H"]).all() and (got["mixup"]["H"] == want["mixup"]["H"]).all()
+
+
+def test_nc_figure_of_a_log_schedule_marks_the_measured_epochs_on_a_log_axis(tmp_path, monkeypatch, wall_clock):
+    import utils
+    assert run_main([*WALL_TIME_RUN, "--out-dir", str(tmp_path), "--run-name", "r"]) == 0
+    figures = []
+    save = utils.save_figure
+    monkeypatch.setattr(utils, "save_figure", lambda figure, path, dpi: (figures.append(figure), save(figure, path, dpi)))
+    assert utils.main(["nc", str(tmp_path / "r"), "--out", str(tmp_path / "nc.png"), "--dpi", "40"]) == 0
+    nc1_panel = figures[-1].axes[0]
+    assert nc1_panel.get_xscale() == "symlog"
+    line = nc1_panel.get_lines()[0]
+    assert list(line.get_xdata()) == [0, 1, 2, 3, 4, 8] and line.get_marker() == "o"
