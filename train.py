@@ -325,14 +325,15 @@ def calibration_record(sums: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def measure(run: Run, with_nc: bool, autocast: Callable) -> tuple:
+def measure(run: Run, with_nc: bool, autocast: Optional[Callable] = None) -> tuple:
     """Clean loss/accuracy and calibration of the test split; with NC, the training split's and the NC metrics.
 
+    The forward runs under `autocast` (default: the run's measurement precision).
     Returns (record fields, training class means or None, {stage: training class means} of --nc-layers).
     Without NC the training split is not evaluated (its clean loss and accuracy are None): that
     forward is most of the cost of a measurement.
     """
-    model, cfg = run.model, run.cfg
+    model, cfg, autocast = run.model, run.cfg, autocast or run.eval_autocast
     weight = model.classifier.weight.double()
     bias = model.classifier.bias
     bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=run.device) if bias is None else bias.double()

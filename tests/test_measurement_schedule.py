@@ -109,8 +109,8 @@ def _auto_records(tmp_path, name, margin, monkeypatch, precision="auto"):
 
 def test_auto_redoes_a_pass_in_float32_only_near_its_floor(tmp_path, monkeypatch):
     exact = _auto_records(tmp_path, "exact", 100.0, monkeypatch, precision="float32")
-    fast = _auto_records(tmp_path, "fast", 0.0, monkeypatch)  # margin 0: never redone
-    assert all(r["eval_precision"] == "bf16" and r["nc1_floor"] > 0 for r in fast)
+    fast = _auto_records(tmp_path, "fast", train.FLOOR_MARGIN, monkeypatch)  # the real margin, 100
+    assert all(r["eval_precision"] == "bf16" and r["nc"]["train"]["nc1"] > 100 * r["nc1_floor"] > 0 for r in fast)
     assert all(r["eval_precision"] == "float32" and r["nc1_floor"] is None for r in exact)
     assert all(f["nc"]["train"]["nc1"] != e["nc"]["train"]["nc1"] for f, e in zip(fast, exact))  # bf16 differs
     # A margin between the passes' own NC1 / floor ratios: those below it, and only those, are redone in float32
