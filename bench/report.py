@@ -183,6 +183,7 @@ def defaults_comparison(records: List[dict], path: str = "compile-reduce-overhea
     lines = [f"grid at the old and the new defaults ({path} training, {epochs} epochs, {RUNS_PER_CELL} runs per "
              f"cell; derived from the measured terms, not measured as a whole):"]
     totals = {"old": 0.0, "new": 0.0}
+    by_term = {"old": {}, "new": {}}  # GPU-hours of each term over the whole grid
     for model in GRID_MODELS:
         record = next(r for r in complete if r["model"] == model)
         for dataset in GRID_DATASETS:
@@ -191,9 +192,14 @@ def defaults_comparison(records: List[dict], path: str = "compile-reduce-overhea
                 seconds = sum(count * each for _, count, each in terms)
                 hours = seconds * RUNS_PER_CELL / 3600
                 totals[label] += hours
+                for name, count, each in terms:
+                    by_term[label][name] = by_term[label].get(name, 0.0) + count * each * RUNS_PER_CELL / 3600
                 lines.append(f"  {model} {dataset}, {label} defaults: {seconds:,.0f} s per run; "
                              f"x {RUNS_PER_CELL} / 3600 = {hours:.1f} h")
                 lines += _terms_text(terms)
+    for label in ("old", "new"):
+        lines.append(f"  the grid by term, {label} defaults:")
+        lines += [f"      {name}: {hours:.1f} h" for name, hours in by_term[label].items()]
     lines.append(f"  all 180 runs: {totals['old']:.0f} GPU-hours at the old defaults, {totals['new']:.0f} at the "
                  f"new ones, on {complete[0]['device']}")
     return lines
