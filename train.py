@@ -390,7 +390,8 @@ def measure_checked(run: Run, with_nc: bool) -> tuple:
     precision, floor = run.eval_precision, None
     if with_nc and run.floor_sample is not None:
         floor = rounding_floor(run, train_means)
-        if near_floor(fields["nc"]["train"]["nc1"], floor):
+        # one decision for all processes: a redo is a collective pass, and float rounding may differ between GPUs
+        if run.dist.any(near_floor(fields["nc"]["train"]["nc1"], floor), run.device):
             fields, train_means, layer_means = measure(run, with_nc, exact_float32)
             precision = "float32"
     fields.update(eval_precision=precision, nc1_floor=floor)
