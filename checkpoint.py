@@ -43,6 +43,21 @@ def capture_state(run, epoch: int) -> dict:
     }
 
 
+def detached_copy(value):
+    """A copy of a captured state that later training steps cannot change: tensors copied to the host.
+
+    state_dict() returns the live parameter and momentum tensors, which the next
+    step updates in place; everything else capture_state builds afresh.
+    """
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: detached_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(detached_copy(item) for item in value)
+    return value
+
+
 def restore_state(run, state: dict) -> int:
     """Load `state` into the run; returns the epoch it was taken after."""
     run.model.load_state_dict(state["model"])

@@ -6,6 +6,7 @@ validate a configuration without starting a run.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import List, Optional
 
@@ -17,19 +18,30 @@ from models import MODELS
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("multistep", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-EVAL_PRECISIONS = ("float32", "tf32", "bf16")
+EVAL_PRECISIONS = ("auto", "float32", "tf32", "bf16")
 SWITCH_PROB = 0.5  # timm's Mixup default
 MAX_SEED = 2**63 - 1  # numpy and torch both take any seed in 0..2^63-1
 DEFAULT_FEATURE_EPOCH_COUNT = 8
 # Defaults that depend on the dataset. The quick digits run is tuned so that
 # collapse shows within a CPU minute (weight decay drives NC1 down under mixup);
 # the image datasets get the recipe of Papyan, Han & Donoho 2020 (SGD, wd 5e-4).
-QUICK_RECIPE = {"model": "mlp", "epochs": 100, "lr": 0.05, "weight_decay": 1e-2}
-PAPER_RECIPE = {"model": "resnet18", "epochs": 350, "lr": 0.1, "weight_decay": 5e-4}
+# NC is measured after every digits epoch (a pass costs milliseconds); the image datasets measure
+# at Papyan's log-spaced epochs, where the dynamics are (their NC figures use a log epoch axis).
+QUICK_RECIPE = {"model": "mlp", "epochs": 100, "lr": 0.05, "weight_decay": 1e-2, "nc_epochs": "all"}
+PAPER_RECIPE = {"model": "resnet18", "epochs": 350, "lr": 0.1, "weight_decay": 5e-4, "nc_epochs": "log"}
+# --nc-epochs log: about this many epochs after epoch 0 (Papyan, Han & Donoho 2020 measured 50 of 350).
+LOG_NC_EPOCH_COUNT = 50
+# --checkpoint-every as a duration: a number and one of these units.
+DURATION_UNITS = {"s": 1.0, "min": 60.0, "h": 3600.0}
+DEFAULT_CUDA_CHECKPOINT_EVERY = "10min"  # a resume repeats at most this much; a WRN-40-10 checkpoint is 0.45 GB
 RECIPES = {"digits": QUICK_RECIPE}  # log-spaced feature snapshots when --feature-epochs is not given
 # Flags that may change when a run is resumed; any other difference is refused.
+# --nc-epochs only chooses which epochs are measured: training, and every measured record, stay as they are.
+# eval_precision changes measurements only, and every record says which precision its pass used (a run
+# saved before --eval-precision auto became the default resumes under it).
 RESUMABLE_CHANGES = frozenset({"epochs", "resume", "overwrite", "device", "checkpoint_every", "download",
-                               "data_dir", "progress", "out_dir", "run_name", "compile", "compile_mode"})
+                               "data_dir", "progress", "out_dir", "run_name", "compile", "compile_mode",
+                               "nc_epochs", "eval_precision"})
 
 
 class UsageError(Exception):
@@ -116,6 +128,47 @@ def _rule_list(text: str) -> List[str]:
     return rules
 
 
+def _nc_epochs(text: str) -> str:
+    """all, log, every:K or E1,E2,... (checked here, resolved against --epochs by nc_epoch_schedule)."""
+    if text in ("all", "log"):
+        return text
+    if text.startswith("every:"):
+        every = text[len("every:"):]
+        if not every.isdigit() or int(every) < 1:
+            raise argparse.ArgumentTypeError(f"every:K needs a whole number K >= 1, got {text}")
+        return text
+    negative = [e for e in _int_list(text) if e < 0]
+    if negative or not _int_list(text):
+        raise argparse.ArgumentTypeError(f"must be all, log, every:K or epochs >= 0, got {text}")
+    return text
+
+
+def _checkpoint_every(text: str):
+    """A positive number of epochs (int) or a duration such as 30s, 10min, 1.5h (kept as written)."""
+    if text.isdigit():
+        return positive_int(text)
+    duration_seconds(text)  # raises ValueError, which argparse reports as an invalid value
+    return text
+
+
+def duration_seconds(text: str) -> float:
+    """Seconds of a duration NUMBER+UNIT (UNIT in DURATION_UNITS); ValueError otherwise."""
+    for unit, scale in sorted(DURATION_UNITS.items(), key=lambda item: -len(item[0])):
+        if text.endswith(unit):
+            value = float(text[:-len(unit)])
+            if not (value > 0 and math.isfinite(value)):
+                raise ValueError(f"must be a positive duration, got {text}")
+            return value * scale
+    raise ValueError(f"must be a number of epochs or a duration like 10min, got {text}")
+
+
+def checkpoint_policy(value) -> tuple:
+    """(every K epochs or None, every S seconds or None) of a resolved --checkpoint-every."""
+    if isinstance(value, int):
+        return value, None
+    return None, duration_seconds(value)
+
+
 def _int_list(text: str) -> List[int]:
     return [int(item) for item in text.split(",") if item.strip()]
 
@@ -128,7 +181,9 @@ for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "n
                             (_positive_float, "positive float"), (_nonnegative_float, "non-negative float"),
                             (_fraction, "fraction"), (_probability, "probability"),
                             (_rule_list, "comma-separated rule list"), (_int_list, "comma-separated int list"),
-                            (_float_list, "comma-separated float list")):
+                            (_float_list, "comma-separated float list"),
+                            (_nc_epochs, "all, log, every:K or E,E,..."),
+                            (_checkpoint_every, "number of epochs or duration (30s, 10min, 1h)")):
     _parser_type.__name__ = _name  # argparse names the type in "invalid <type> value" messages
 
 
@@ -214,8 +269,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seeds the model, shuffling, augmentation, mixup and the feature triple")
 
     measure = parser.add_argument_group("measurement")
-    measure.add_argument("--nc-every", type=positive_int, default=1, metavar="K",
-                         help="measure NC every K epochs (also at epoch 0, the last epoch and feature epochs)")
+    measure.add_argument("--nc-epochs", type=_nc_epochs, default=None, metavar="all|log|every:K|E,E,...",
+                         help=f"epochs with an NC pass (the clean training split's loss, accuracy and NC metrics), "
+                              f"always with epoch 0, the feature epochs and the last: all, log (about "
+                              f"{LOG_NC_EPOCH_COUNT} log-spaced epochs, Papyan et al.'s list at 350 epochs), every:K "
+                              f"or a list; the test split is evaluated every epoch; default: "
+                              f"{QUICK_RECIPE['nc_epochs']} for digits, {PAPER_RECIPE['nc_epochs']} otherwise")
+    measure.add_argument("--nc-every", type=positive_int, default=None, metavar="K",
+                         help="replaced by --nc-epochs every:K (refused)")
     measure.add_argument("--nc-layers", default="", metavar="all|STAGE,...",
                          help="also measure NC below the classifier at these stages of the model (all: every stage, "
                               "input to output), on the clean training split in the same forward; default: none")
@@ -232,11 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="number of lambda values on the grid 0..1 for the mixup points")
     measure.add_argument("--feature-pairs", type=positive_int, default=20, metavar="P",
                          help="image pairs per pair type (same class, different classes) of the triple")
-    measure.add_argument("--eval-precision", default="float32", choices=EVAL_PRECISIONS, metavar="P",
+    measure.add_argument("--eval-precision", default="auto", choices=EVAL_PRECISIONS, metavar="P",
                          help="precision of the measurement forward (NC pass, clean loss/accuracy, feature "
-                              "pickles): float32 (exact: no TF32), tf32 (float32 with TF32 tensor-core products "
-                              "on CUDA; 5x faster on an H100, 10 mantissa bits) or bf16 autocast (8 bits: a rounding "
-                              "floor under NC1 of about 1e-6 (C-1) |h|^2 / |mu_c - mu_G|^2); training uses --amp")
+                              "pickles): auto (the default: tf32 on CUDA, with every NC pass checked against the "
+                              "floor its rounding puts under NC1 (nc1_floor) and redone in float32 when NC1 comes "
+                              "within 100x of it; float32 on a CPU), float32 (exact: no TF32), tf32 (float32 with "
+                              "TF32 tensor-core products on CUDA; 5x faster on an H100, 10 mantissa bits) or bf16 "
+                              "autocast (8 bits: a rounding floor under NC1 of about 1e-6 (C-1) |h|^2 / "
+                              "|mu_c - mu_G|^2); training uses --amp")
     measure.add_argument("--feature-mode", default="eval", choices=("eval", "train"), metavar="MODE",
                          help="batch norm mode for the mixup points: eval (running statistics) or train "
                               "(batch statistics, as in Fisher et al. 2024; running statistics are left untouched)")
@@ -270,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     output.add_argument("--resume", action="store_true",
                         help="continue the run folder from its last checkpoint up to --epochs")
-    output.add_argument("--checkpoint-every", type=positive_int, default=1, metavar="K",
-                        help="write checkpoint.pt every K epochs (and at the end)")
+    output.add_argument("--checkpoint-every", type=_checkpoint_every, default=None, metavar="K|DURATION",
+                        help=f"write checkpoint.pt every K epochs, or after the first epoch that ends DURATION "
+                             f"(30s, 10min, 1h) after the last checkpoint; always at the end and at a stop "
+                             f"request; default: {DEFAULT_CUDA_CHECKPOINT_EVERY} on CUDA, 1 (epoch) otherwise")
     return parser
 
 
@@ -300,12 +366,47 @@ def default_feature_epochs(epochs: int) -> List[int]:
     return sorted({int(round(e)) for e in spaced} | {epochs})
 
 
+def log_nc_epochs(epochs: int, count: Optional[int] = None) -> List[int]:
+    """About `count` log-spaced epochs in 1..epochs, the last included: Papyan et al.'s list at 350.
+
+    Every epoch while a log spacing would step by less than one epoch; from the
+    first epoch s whose geometric step s (r - 1) reaches one epoch, with
+    r = (epochs / s)^(1 / (count - s)), the count - s + 1 points of the geometric
+    sequence from s to `epochs`, rounded. At 350 epochs s = 11 and the result is
+    the epoch_list of Papyan, Han & Donoho's notebook (1-14, 16, 17, 19, ..., 320, 350).
+    """
+    count = count or LOG_NC_EPOCH_COUNT
+    if epochs <= count:
+        return list(range(1, epochs + 1))
+    import numpy as np
+
+    start = next(s for s in range(1, count) if s * ((epochs / s) ** (1.0 / (count - s)) - 1.0) >= 1.0)
+    spaced = np.round(np.geomspace(start, epochs, count - start + 1)).astype(int).tolist()
+    return list(range(1, start)) + spaced
+
+
+def nc_epoch_schedule(spec: str, epochs: int, feature_epochs) -> List[int]:
+    """The sorted epochs with an NC pass: those of --nc-epochs, plus 0, the last and every feature epoch."""
+    if spec == "all":
+        chosen = range(epochs + 1)
+    elif spec == "log":
+        chosen = log_nc_epochs(epochs)
+    elif spec.startswith("every:"):
+        every = int(spec[len("every:"):])
+        chosen = range(0, epochs + 1, every)
+    else:
+        chosen = [e for e in _int_list(spec) if e <= epochs]  # a list may name epochs of a later --epochs
+    return sorted(set(chosen) | {0, epochs} | set(feature_epochs))
+
+
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     """Parse and check everything that needs no data; UsageError on a bad combination."""
     args = build_parser().parse_args(argv)
     for key, value in RECIPES.get(args.dataset, PAPER_RECIPE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.nc_every is not None:
+        raise UsageError(f"--nc-every was replaced by --nc-epochs: pass --nc-epochs every:{args.nc_every}")
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite exclude each other")
     if args.cutmix_alpha > 0 and args.mixup_layer != "input":

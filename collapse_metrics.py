@@ -436,15 +436,59 @@ class ClassMoments:
             for key in ("nc1", "nc1_cdnv", "nc2_equinorm_h", "nc2_equiangle_h", "nc2_maxangle_h", "nc2_etf_h"):
                 reasons[key] = "all class means coincide (Sigma_B = 0)"
             return metrics
-        gram = M @ M.T
-        eigvals, eigvecs = torch.linalg.eigh(gram)
-        keep = eigvals > eigvals.max() * P * EIGEN_RTOL_ULPS * torch.finfo(torch.float64).eps
-        project = M.T @ (eigvecs[:, keep] / eigvals[keep])  # (d, rank): nc1 = tr(A^T S_W A) / N
+        gram, project = _between_class_pinv_factor(M)  # nc1 = tr(A^T S_W A) / N
         metrics["nc1"] = max(float(torch.trace(project.T @ scatter @ project)) / N, 0.0)
         variances = ((self.squares[present] - counts * (means * means).sum(dim=1)) / counts).clamp(min=0.0)
         metrics["nc1_cdnv"] = _cdnv(M, variances, reasons)
         metrics.update(_geometry("h", M, gram, reasons))
         return metrics
+
+
+def _between_class_pinv_factor(M: torch.Tensor) -> tuple:
+    """(G, A) for the P centred class means M (P, d): G = M M^T and A = M^T U diag(1/lam), G = U diag(lam) U^T.
+
+    A A^T = (M^T M)^+ = Sigma_B^+ / P, so tr(S Sigma_B^+) / P = tr(A^T S A) for any d x d S.
+    Eigenvalues below lam_max * P * EIGEN_RTOL_ULPS * eps are rounding (M's rows sum to zero) and are dropped.
+    """
+    gram = M @ M.T
+    eigvals, eigvecs = torch.linalg.eigh(gram)
+    keep = eigvals > eigvals.max() * M.shape[0] * EIGEN_RTOL_ULPS * torch.finfo(torch.float64).eps
+    return gram, M.T @ (eigvecs[:, keep] / eigvals[keep])
+
+
+def nc1_floor(D, y, class_means, num_classes: Optional[int] = None) -> float:
+    """The floor that a perturbation of the features puts under NC1: tr(Sigma_noise Sigma_B^+) / P.
+
+    D (n, d): differences h_fast - h_float32 of the same n samples computed by two
+    forwards (e.g. TF32 or bf16 against float32), y (n,) their labels, class_means
+    (C, d) the class means of the pass whose NC1 is judged (NaN rows: absent
+    classes). With dbar_c the mean difference over the sample's class c and P_s the
+    classes present in the sample,
+        Sigma_noise = 1/(n - P_s) sum_i (d_i - dbar_yi)(d_i - dbar_yi)^T
+    (centred per class: a difference common to a class moves its mean, not the
+    spread around it; n - P_s makes it unbiased), and with M the P present class
+    means centred on their mean, Sigma_B = (1/P) M^T M as in nc1. Noise of covariance
+    Sigma_noise, independent of the features, adds exactly this to NC1's expectation.
+    Returns a float; NaN when Sigma_B = 0, fewer than two classes are present, the
+    sample has no more rows than classes, or D is not finite.
+    """
+    with torch.no_grad():
+        means = _as_tensor(class_means).double()
+        D = _as_tensor(D, means.device).double()
+        y = _as_tensor(y, means.device).long()
+        moments = ClassMoments(int(num_classes or means.shape[0]), D.shape[1], means.device)
+        moments.add(D, y)
+        n, sample_classes = float(moments.counts.sum()), int((moments.counts > 0).sum())
+        present = torch.isfinite(means).all(dim=1)
+        if int(moments.nonfinite) or n <= sample_classes or int(present.sum()) < 2:
+            return math.nan
+        noise_means = moments.class_means()[moments.counts > 0]
+        scatter = moments.moment - (noise_means.T * moments.counts[moments.counts > 0]) @ noise_means
+        M = means[present] - means[present].mean(dim=0)
+        if float((M * M).sum()) == 0.0:
+            return math.nan
+        _, project = _between_class_pinv_factor(M)
+        return max(float(torch.trace(project.T @ scatter @ project)) / (n - sample_classes), 0.0)
 
 
 def nearest_mean_hits(H, y, class_means) -> torch.Tensor:

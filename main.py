@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from checkpoint import restore_state, saved_device_type
-from cli import RESUMABLE_CHANGES, UsageError, build_parser, default_feature_epochs, parse_args
+from cli import (DEFAULT_CUDA_CHECKPOINT_EVERY, RESUMABLE_CHANGES, UsageError, build_parser, default_feature_epochs,
+                 nc_epoch_schedule, parse_args)
 from collapse_metrics import simplex_etf
 from compilation import compile_with_fallback, compiling
 from data import DATASETS, DataError, DatasetInfo, Split, balanced_subset, load_dataset
@@ -35,7 +36,8 @@ from losses import build_loss
 from mixup import feature_rules, rule_name
 from models import build_model
 from run_io import CHECKPOINT_FILE, CONFIG_FILE, METRICS_FILE, RunIOError, RunLog, lock_run_folder, read_checkpoint
-from train import Diverged, Generators, Interrupted, Run, make_autocast, make_eval_autocast, run_epochs
+from train import (AUTO_FAST_PRECISION, FLOOR_SAMPLE_PER_CLASS, Diverged, Generators, Interrupted, Run,
+                   make_autocast, make_eval_autocast, run_epochs)
 
 EXIT_ERROR, EXIT_USAGE, EXIT_DIVERGED = 1, 2, 3
 PROJECT_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -229,19 +231,38 @@ def build_run(args, info: DatasetInfo, train: Split, test: Split, device, dist: 
     eval_splits = {"train": shard(train, dist, pad=False).to(device) if dist.enabled else local_train,
                    "test": shard(test, dist, pad=False).to(device)}
     feature_epochs = set(args.feature_epochs)
-    nc_epochs = {e for e in range(args.epochs + 1) if e % args.nc_every == 0} | {0, args.epochs} | feature_epochs
+    nc_epochs = set(nc_epoch_schedule(args.nc_epochs, args.epochs, feature_epochs))
+    precision = eval_precision(args, device)
     capture = FeatureCapture(train, info.num_classes, args, normalize, device) if dist.is_main else None
     loss_fn = build_loss(args.loss, label_smoothing=args.label_smoothing, mse_scale=args.mse_scale,
                          focal_gamma=args.focal_gamma)
     return Run(cfg=args, num_classes=info.num_classes, model=model, step_model=step_model, optimizer=optimizer,
                scheduler=scheduler, loss_fn=loss_fn, batches=batches, eval_splits=eval_splits,
                normalize=normalize, generators=generators, device=device,
-               autocast=make_autocast(device, args.amp), eval_autocast=make_eval_autocast(device, args.eval_precision),
+               autocast=make_autocast(device, args.amp), eval_autocast=make_eval_autocast(device, precision),
+               eval_precision=precision, floor_sample=floor_sample(train, info.num_classes, device)
+               if args.eval_precision == "auto" and precision != "float32" else None,
                dist=dist, capture=capture, nc_epochs=nc_epochs,
                feature_epochs=feature_epochs, log=None, nc_layers=nc_layers,
                layer_sample_rows=layer_sample_rows(train, args, info.num_classes, dist, device) if nc_layers else None,
                mixup_layers=mixup_layers,
                mixer=ManifoldMixer(model, mixup_layers) if mixup_layers != [INPUT] else None)
+
+
+def eval_precision(args, device: torch.device) -> str:
+    """The precision of the measurement forward: --eval-precision, with auto resolved for the device."""
+    if args.eval_precision == "auto":
+        return AUTO_FAST_PRECISION.get(device.type, "float32")
+    return args.eval_precision
+
+
+def floor_sample(train: Split, num_classes: int, device: torch.device) -> Split:
+    """The fixed training images whose two forwards estimate the rounding floor: the first of every class.
+
+    The whole sample on every process (it is small), so each computes the same floor.
+    """
+    rows = first_per_class(train.labels, FLOOR_SAMPLE_PER_CLASS, num_classes)
+    return Split(train.images[rows], train.labels[rows]).to(device)
 
 
 def git_commit() -> Optional[str]:
@@ -265,7 +286,8 @@ def resolved_config(args, flags: dict, argv, info: DatasetInfo, run: Run, train:
     config = dict(vars(args))
     config.update(
         flags=flags, command=shlex.join(["python", "main.py", *argv]),
-        feature_epochs=sorted(run.feature_epochs),
+        feature_epochs=sorted(run.feature_epochs), nc_epoch_list=sorted(run.nc_epochs),
+        eval_precision_resolved=run.eval_precision, nc1_floor_checked=run.floor_sample is not None,
         feature_classes=run.capture.triple if run.capture else args.feature_classes,
         num_classes=info.num_classes, channels=info.channels, image_size=info.image_size,
         num_train=len(train), num_test=len(test), feature_dim=run.model.feature_dim,
@@ -296,6 +318,9 @@ def resolve_defaults(args, info: DatasetInfo, device: torch.device) -> dict:
         args.feature_epochs = default_feature_epochs(args.epochs)
     if args.compile is None:
         args.compile = device.type == "cuda"  # CUDA graphs and fused kernels; CPU runs are conv-bound
+    if args.checkpoint_every is None:
+        # a 0.45 GB WRN-40-10 checkpoint after each 7 s epoch is wasted; a CPU epoch writes a small one
+        args.checkpoint_every = DEFAULT_CUDA_CHECKPOINT_EVERY if device.type == "cuda" else 1
     return flags
 
 

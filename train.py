@@ -3,11 +3,15 @@
 Per epoch:
   1. train on mixed batches; loss and accuracy accumulate on the device and are
      read once, at the end (the epoch's only host sync);
-  2. one clean pass per split (eval mode, inference mode, large batches) gives
-     the features; from them, in float64, the logits (loss, accuracy,
-     calibration) and the NC metrics;
+  2. a clean pass over the test split (eval mode, inference mode, large
+     batches), and at the NC epochs over the training split too, gives the
+     features; from them, in float64, the logits (loss, accuracy, calibration)
+     and the NC metrics. Under --eval-precision auto the pass runs in a fast
+     precision, a fixed training sample estimates the floor its rounding puts
+     under NC1, and a pass whose NC1 comes near that floor is redone in float32;
   3. the record is appended to metrics.pkl, and at the feature epochs the
-     features pickle is written; a checkpoint follows every --checkpoint-every.
+     features pickle is written; a checkpoint follows every --checkpoint-every
+     (epochs or wall time), and at a stop request the last finished epoch's.
 """
 from __future__ import annotations
 
@@ -24,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from checkpoint import capture_state
-from collapse_metrics import nc_statistics
+from checkpoint import capture_state, detached_copy
+from cli import checkpoint_policy
+from collapse_metrics import nc1_floor, nc_statistics
 from compilation import runs_compiled
 from data import Split
 from data.batches import Normalizer, TrainBatches, eval_batches
@@ -38,6 +43,19 @@ from models.base import FEATURES
 
 ECE_BINS = 15
 PROGRESS_REFRESH_S = 0.5  # how often the bar asks the device for running loss/accuracy
+# --eval-precision auto: the fast measurement precision per device type. TF32 took 4.6 s where
+# float32 took 25.4 s for WRN-40-10's pass on an H100. None on a CPU, where auto is float32:
+# bf16 is slower there (446 s against 39 s for bench/throughput.py's ResNet-18 width-1/8 pass).
+AUTO_FAST_PRECISION = {"cuda": "tf32"}
+FLOOR_SAMPLE_PER_CLASS = 32  # training images per class forwarded in both precisions at every NC pass
+# A fast pass whose NC1 is below this many times its rounding floor is redone in float32:
+# the floor then biases NC1 by more than 1 %.
+FLOOR_MARGIN = 100.0
+
+
+def checkpoint_clock() -> float:
+    """Seconds for the wall-time checkpoint schedule (a function, so that tests can drive it)."""
+    return time.monotonic()
 
 
 class Interrupted(Exception):
@@ -116,7 +134,7 @@ class Run:
     generators: Generators
     device: torch.device
     autocast: Callable            # context of the training forward (bf16 under --amp)
-    eval_autocast: Callable       # context of the measurement forward (--eval-precision: float32 by default)
+    eval_autocast: Callable       # context of the measurement forward (--eval-precision, resolved)
     dist: DistContext
     capture: Optional[FeatureCapture]
     nc_epochs: set
@@ -126,6 +144,8 @@ class Run:
     layer_sample_rows: Optional[torch.Tensor] = None    # train rows whose stage vectors give the NCC accuracy
     mixup_layers: List[str] = field(default_factory=lambda: [INPUT])  # where mixing may happen (--mixup-layer)
     mixer: Optional[ManifoldMixer] = None                 # hooks that mix a stage's output (manifold mixup)
+    eval_precision: str = "float32"  # what eval_autocast computes in: float32, tf32 or bf16
+    floor_sample: Optional[Split] = None  # auto: the fixed training sample that measures the rounding floor
     stop: StopFlag = field(default_factory=StopFlag)
     history: List[dict] = field(default_factory=list)
 
@@ -340,21 +360,24 @@ def calibration_record(sums: torch.Tensor) -> dict:
 
 
 @torch.inference_mode()
-def measure(run: Run, with_nc: bool) -> tuple:
-    """Clean loss/accuracy of both splits, test calibration and (optionally) NC metrics.
+def measure(run: Run, with_nc: bool, autocast: Optional[Callable] = None) -> tuple:
+    """Clean loss/accuracy and calibration of the test split; with NC, the training split's and the NC metrics.
 
+    The forward runs under `autocast` (default: the run's measurement precision).
     Returns (record fields, training class means or None, {stage: training class means} of --nc-layers).
+    Without NC the training split is not evaluated (its clean loss and accuracy are None): that
+    forward is most of the cost of a measurement.
     """
-    model, cfg = run.model, run.cfg
+    model, cfg, autocast = run.model, run.cfg, autocast or run.eval_autocast
     weight = model.classifier.weight.double()
     bias = model.classifier.bias
     bias = torch.zeros(weight.shape[0], dtype=torch.float64, device=run.device) if bias is None else bias.double()
-    fields, nc, train_means, layer_means = {"nc_layers": None}, {}, None, {}
-    for name in ("train", "test"):
+    fields, nc, train_means, layer_means = {"nc_layers": None, "train_loss": None, "train_acc": None}, {}, None, {}
+    for name in ("train", "test") if with_nc else ("test",):
         split = run.eval_splits[name]
         layers = (LayerStatistics(run.nc_layers, run.num_classes, run.layer_sample_rows)
                   if with_nc and name == "train" and run.nc_layers else None)
-        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, run.eval_autocast, layers)
+        H = collect_features(model, split, cfg.eval_batch_size, run.normalize, autocast, layers)
         if with_nc:
             result = nc_statistics(H, split.labels, weight, bias, run.num_classes, class_means=train_means,
                                    all_reduce=run.dist.all_reduce)
@@ -381,18 +404,48 @@ def measure(run: Run, with_nc: bool) -> tuple:
     return fields, train_means, layer_means
 
 
+def rounding_floor(run: Run, class_means: torch.Tensor) -> float:
+    """nc1_floor of the fast precision: the fixed sample forwarded in it and in float32, against these means."""
+    sample, cfg = run.floor_sample, run.cfg
+    fast = collect_features(run.model, sample, cfg.eval_batch_size, run.normalize, run.eval_autocast)
+    exact = collect_features(run.model, sample, cfg.eval_batch_size, run.normalize, exact_float32)
+    return nc1_floor(fast - exact, sample.labels, class_means, run.num_classes)
+
+
+def near_floor(nc1: float, floor: float) -> bool:
+    return math.isfinite(nc1) and math.isfinite(floor) and nc1 < FLOOR_MARGIN * floor
+
+
+def measure_checked(run: Run, with_nc: bool) -> tuple:
+    """measure() in the run's precision; under auto, an NC pass near its rounding floor is redone in float32.
+
+    Returns (fields with eval_precision and nc1_floor, training class means, layer means).
+    """
+    fields, train_means, layer_means = measure(run, with_nc, run.eval_autocast)
+    precision, floor = run.eval_precision, None
+    if with_nc and run.floor_sample is not None:
+        floor = rounding_floor(run, train_means)
+        # one decision for all processes: a redo is a collective pass, and float rounding may differ between GPUs
+        if run.dist.any(near_floor(fields["nc"]["train"]["nc1"], floor), run.device):
+            fields, train_means, layer_means = measure(run, with_nc, exact_float32)
+            precision = "float32"
+    fields.update(eval_precision=precision, nc1_floor=floor)
+    return fields, train_means, layer_means
+
+
 def measure_epoch(run: Run, epoch: int, lr: float) -> dict:
     """The record of one epoch's measurement, plus the features pickle at feature epochs."""
     with_features = epoch in run.feature_epochs
     start = time.perf_counter()
     run.dist.broadcast_buffers(run.model)  # every shard, the pickles and the checkpoint: process 0's network
-    fields, train_means, layer_means = measure(run, with_nc=epoch in run.nc_epochs or with_features)
+    fields, train_means, layer_means = measure_checked(run, with_nc=epoch in run.nc_epochs or with_features)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
     record = {"epoch": epoch, "lr": lr, "nc_time_s": time.perf_counter() - start, **fields}
     if with_features and run.capture is not None:
-        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, run.eval_autocast,
-                                                                layer_means)
+        # the features pickle in the precision its NC pass settled on
+        autocast = exact_float32 if fields["eval_precision"] == "float32" else run.eval_autocast
+        payload, record["mixup_geometry"] = run.capture.capture(run.model, epoch, train_means, autocast, layer_means)
         run.log.write_features(epoch, payload)
     return record
 
@@ -401,11 +454,53 @@ def current_lr(run: Run) -> float:
     return run.optimizer.param_groups[0]["lr"]
 
 
+class Checkpoints:
+    """When to write checkpoint.pt: every K epochs, or after the first epoch that ends S seconds after the last.
+
+    The state after an epoch that is not written is kept in host memory, so that
+    a stop request can still save the last finished epoch.
+    """
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.every_epochs, self.every_seconds = checkpoint_policy(run.cfg.checkpoint_every)
+        self.last_write = checkpoint_clock()
+        self.unsaved: Optional[dict] = None
+
+    def after_epoch(self, epoch: int) -> None:
+        run = self.run
+        due = epoch == run.cfg.epochs or (
+            epoch % self.every_epochs == 0 if self.every_epochs else
+            checkpoint_clock() - self.last_write >= self.every_seconds)
+        due = run.dist.any(due, run.device) if self.every_seconds else due  # processes' clocks may disagree
+        if due:
+            run.log.write_checkpoint(capture_state(run, epoch))
+            self.last_write, self.unsaved = checkpoint_clock(), None
+        else:  # a host copy: for WRN-40-10 about 0.45 GB, a fraction of a second, far less than a write
+            self.unsaved = detached_copy(capture_state(run, epoch))
+
+    def at_stop(self) -> None:
+        """Save the last finished epoch, if the schedule has not (a stop request ends the run here)."""
+        if self.unsaved is not None:
+            self.run.log.write_checkpoint(self.unsaved)
+            self.unsaved = None
+
+
 def run_epochs(run: Run, start_epoch: int) -> str:
     """Train from `start_epoch` + 1 to cfg.epochs; returns the final status.
 
-    Raises Interrupted or Diverged; the run folder then holds every finished epoch.
+    Raises Interrupted or Diverged; the run folder then holds every finished epoch,
+    and checkpoint.pt the last one.
     """
+    checkpoints = Checkpoints(run)
+    try:
+        return _run_epochs(run, start_epoch, checkpoints)
+    except Interrupted:
+        checkpoints.at_stop()
+        raise
+
+
+def _run_epochs(run: Run, start_epoch: int, checkpoints: Checkpoints) -> str:
     cfg = run.cfg
     if start_epoch == 0 and not run.history:
         record = measure_epoch(run, 0, current_lr(run))
@@ -429,8 +524,7 @@ def run_epochs(run: Run, start_epoch: int) -> str:
         finish_epoch(run, record)
         if diverged and not cfg.allow_nonfinite:
             raise Diverged(epoch)
-        if epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs:
-            run.log.write_checkpoint(capture_state(run, epoch))
+        checkpoints.after_epoch(epoch)
     return "complete"
 
 
@@ -445,10 +539,13 @@ def summary_line(record: dict, epochs: int, mixup: bool) -> str:
     parts = [f"epoch {record['epoch']:>{len(str(epochs))}}/{epochs}", f"lr {record['lr']:.3g}"]
     if record.get("mixup_loss") is not None:  # the objective over the epoch's (mixed, if mixup) batches
         parts.append(f"{'mixup' if mixup else 'train-batch'} loss {record['mixup_loss']:.4f}")
-    parts += [f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}",
-              f"test acc {record['test_acc']:.4f} ece {record['test_ece']:.3f}"]
+    if record["train_loss"] is not None:  # None at an epoch without an NC pass
+        parts.append(f"train loss {record['train_loss']:.4f} acc {record['train_acc']:.4f}")
+    parts.append(f"test acc {record['test_acc']:.4f} ece {record['test_ece']:.3f}")
     if record["nc"]:
         parts.append(f"NC1 {record['nc']['train']['nc1']:.4g}")
+    if record.get("nc1_floor") is not None:
+        parts.append(f"floor {record['nc1_floor']:.2g} ({record['eval_precision']})")
     parts.append(f"{record['time_s']:.1f}s + {record['nc_time_s']:.1f}s eval")
     if record["status"] != "ok":
         parts.append(record["status"].upper())

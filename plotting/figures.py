@@ -97,6 +97,21 @@ def _span_all_epochs(axes, groups: Sequence[Group]) -> None:
         ax.set_xlim(first - margin, last + margin)
 
 
+def _log_epoch_axes(axes, groups: Sequence[Group]) -> bool:
+    """A log epoch axis (linear below epoch 1, so epoch 0 shows) when every run measured NC on the log schedule.
+
+    Papyan et al. read every NC figure on a log epoch axis; their log-spaced points are even there.
+    """
+    runs = _all_runs(groups)
+    if not runs or any(run.config.get("nc_epochs") != "log" for run in runs):
+        return False
+    last = max(record["epoch"] for run in runs for record in run.records)
+    for ax in axes:
+        ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+        ax.set_xlim(0, last * (1 + EPOCH_MARGIN))
+    return True
+
+
 def _grid(count: int):
     """A figure with `count` panels in rows of at most MAX_COLUMNS, room for a title and a legend."""
     columns = min(MAX_COLUMNS, count)
@@ -176,7 +191,8 @@ def nc_figure(groups: Sequence[Group], split: str, band: str) -> Figure:
             levels += _plot_metric(ax, groups, metric, band, linestyle)
         _finish_axis(ax, metrics[0].label, metrics[0].log, levels)
         panel_title(ax, title, PANEL_WIDTH)
-    _span_all_epochs(axes, groups)
+    if not _log_epoch_axes(axes, groups):
+        _span_all_epochs(axes, groups)
     figure_legend(figure, group_handles(groups) + style_handles(HW_STYLES))
     _title(figure, f"Neural collapse, {split} split", _all_runs(groups), groups, band, _grouping_keys(groups))
     return figure

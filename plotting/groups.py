@@ -28,7 +28,7 @@ COMPLETE = "complete"
 # measurements below the classifier and leaves training as it is).
 BOOKKEEPING_KEYS = frozenset({
     "seed", "run_name", "out_dir", "data_dir", "download", "progress", "overwrite", "resume", "checkpoint_every",
-    "device", "eval_batch_size", "nc_every", "nc_layers", "feature_epochs", "feature_samples_per_class",
+    "device", "eval_batch_size", "nc_every", "nc_epochs", "nc_layers", "feature_epochs", "feature_samples_per_class",
     "feature_classes", "feature_lambdas", "feature_pairs", "feature_mode", "feature_mix",
 })
 # Keys the run derives or measures about its environment; used only when a config lacks "flags".

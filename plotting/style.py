@@ -134,7 +134,9 @@ def draw_aggregate(ax, data: Aggregate, colour: str, linestyle: str = "-", label
     """A mean line with its band; nothing when the metric was never measured."""
     if data.epochs.size == 0:
         return
-    marker = "o" if data.epochs.size <= MARKERS_UP_TO_POINTS else None
+    # markers on short series, and at the measured epochs of a sparse one (--nc-epochs log, every:K)
+    sparse = bool(np.any(np.diff(data.epochs) > 1))
+    marker = "o" if data.epochs.size <= MARKERS_UP_TO_POINTS or sparse else None
     ax.plot(data.epochs, data.centre, color=colour, linestyle=linestyle, marker=marker, markersize=3, label=label)
     if data.low is not None:
         ax.fill_between(data.epochs, data.low, data.high, color=colour, alpha=BAND_ALPHA, linewidth=0)

@@ -1,4 +1,5 @@
-"""The measurement pass runs in float32 whatever --amp says; bf16 measurement only on request."""
+"""The measurement pass runs in float32 whatever --amp says; bf16 measurement only on request, or under
+auto where the run has measured that its rounding floor lies far below NC1."""
 import torch
 from torch import nn
 
@@ -8,7 +9,8 @@ from data import DatasetInfo, Split
 from distributed import DistContext
 from main import build_run, resolve_defaults
 from models import FeatureClassifier
-from train import make_eval_autocast, measure
+import train
+from train import make_eval_autocast, measure, measure_checked
 
 C, SIDE, PER_CLASS, FEATURES = 10, 8, 30, 32
 INFO = DatasetInfo("digits", 1, SIDE, C, False)
@@ -52,7 +54,7 @@ def measured_nc1(*flags) -> tuple:
 
 def test_default_measurement_is_float32_even_with_amp():
     nc1, truth, run = measured_nc1()
-    assert run.cfg.amp and run.cfg.eval_precision == "float32"
+    assert run.cfg.amp and run.cfg.eval_precision == "auto" and run.eval_precision == "float32"  # auto on a CPU
     assert abs(nc1 - truth) / truth < 1e-3  # float32 features: the planted value
 
 
@@ -71,3 +73,13 @@ def test_tf32_measurement_is_float32_on_the_cpu_and_sets_the_cuda_flags_only_ins
         with context():
             assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == inside
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_auto_measures_this_collapse_in_float32_after_finding_the_bf16_floor(monkeypatch):
+    """bf16 rounding swamps one grey level of difference: its floor is far above the true NC1, so auto redoes the pass."""
+    monkeypatch.setitem(train.AUTO_FAST_PRECISION, "cpu", "bf16")
+    _, truth, run = measured_nc1()
+    assert run.eval_precision == "bf16" and run.floor_sample is not None
+    fields, _, _ = measure_checked(run, with_nc=True)
+    assert fields["eval_precision"] == "float32" and fields["nc1_floor"] > 30 * truth
+    assert abs(fields["nc"]["train"]["nc1"] - truth) / truth < 1e-3

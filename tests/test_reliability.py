@@ -124,7 +124,7 @@ def test_resume_refuses_changed_flags_and_names_them(tmp_path, capsys):
 @pytest.mark.parametrize("scheduler", ["cosine", "multistep", "constant"])
 def test_resume_extends_a_complete_run_on_the_new_schedule(tmp_path, scheduler):
     """4 epochs extended to 8 train epochs 5-8 at the rates of a fresh 8-epoch run."""
-    argv = [*TINY, "--out-dir", str(tmp_path), "--scheduler", scheduler, "--nc-every", "100", "--feature-epochs", "0"]
+    argv = [*TINY, "--out-dir", str(tmp_path), "--scheduler", scheduler, "--nc-epochs", "every:100", "--feature-epochs", "0"]
     assert run_main([*argv, "--run-name", "r", "--epochs", "4"]) == 0
     short = [r["lr"] for r in load(os.path.join(tmp_path, "r", "metrics.pkl"))["epochs"]]
     assert run_main([*argv, "--run-name", "r", "--epochs", "8", "--resume"]) == 0
@@ -141,7 +141,7 @@ def test_resume_extends_a_complete_run_on_the_new_schedule(tmp_path, scheduler):
 
 def test_colliding_milestones_drop_the_rate_once_per_epoch(tmp_path):
     """At 5 epochs, 0.3 and 0.5 both round to epoch 2: the second drop moves to epoch 3."""
-    argv = [*TINY, "--epochs", "5", "--nc-every", "100", "--feature-epochs", "0", "--out-dir", str(tmp_path),
+    argv = [*TINY, "--epochs", "5", "--nc-epochs", "every:100", "--feature-epochs", "0", "--out-dir", str(tmp_path),
             "--run-name", "r"]
     assert run_main(argv) == 0
     lrs = [r["lr"] for r in load(os.path.join(tmp_path, "r", "metrics.pkl"))["epochs"][1:]]

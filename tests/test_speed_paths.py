@@ -1,6 +1,7 @@
 """The GPU training path's pieces, exercised on the CPU: bf16 autocast and channels_last in the training
 forward, torch.compile with eager fallback, FLOP accounting, and the benchmark's and report's figures."""
 import json
+import math
 import os
 import re
 import statistics
@@ -15,7 +16,7 @@ from torch import nn
 
 import main
 from bench.flops import mfu, peak_bf16_tflops, training_flops_per_image
-from bench.report import grid_estimate
+from bench.report import GRID_DATASETS, defaults_comparison, grid_estimate, new_default_terms, with_model_extras
 from cli import default_feature_epochs, parse_args
 from compilation import compile_with_fallback, compiling
 from data import DATASETS
@@ -315,3 +316,25 @@ def test_grid_estimate_adds_up_every_cost_of_every_run():
     assert totals("float32") == [round(hours(10.0, 20.0)), round(hours(5.0, 8.0))]
     # another measurement forward: the NC pass's float32 forward (1.5 s) swapped for the TF32 one (0.5 s)
     assert totals("tf32") == [round(hours(10.0, 20.0, nc=1.0)), round(hours(5.0, 8.0, nc=1.0))]
+
+
+def test_new_defaults_count_each_term_of_a_350_epoch_run():
+    measured = {"model": "wrn40_10", "path": "p", "full_epoch_s": 10.0, "device": "test GPU", "full_nc_s": 6.0,
+                "full_eval_forward_fp32_s": 5.0, "full_eval_forward_tf32_s": 1.0, "full_eval_forward_bf16_s": 0.5,
+                "feature_snapshot_s": 2.0, "checkpoint_s": 0.5, "checkpoint_gb": 1.0}
+    record = with_model_extras([measured])[0]
+    terms = {name.split(" (")[0].split(",")[0]: (count, each) for name, count, each in
+             new_default_terms(record, "cifar100", 350)}
+    # Papyan's 50 epochs, epoch 0 and the feature epochs 28, 66 and 152 outside his list
+    assert terms["NC passes"] == (54, pytest.approx(6.0 - 5.0 + 1.0))
+    assert terms["floor samples"] == (54, pytest.approx(6.0 * 32 * 100 / 60000))
+    assert terms["float32 re-measures"] == (8, 6.0)  # 188, 206, 225, 245, 268, 293, 320, 350
+    assert terms["test split alone"] == (351 - 54, pytest.approx(1.0 / 6))
+    assert terms["feature snapshots"] == (8, 2.0)
+    before = 3500 + 54 * 2.0 + 54 * 0.32 + 8 * 6.0 + 297 / 6 + 16.0
+    writes = math.ceil(before / 600) + 1
+    assert terms["checkpoints"] == (writes, 0.5) and terms["host copies of unwritten states"] == (350 - writes, 0.1)
+    text = "\n".join(defaults_comparison([measured, {**measured, "model": "vit_b_4"}], path="p"))
+    cell_s = [sum(count * each for _, count, each in new_default_terms(record, dataset, 350)) for dataset in GRID_DATASETS]
+    old = 2 * 30 * (2 * (350 * (10 + 6) + 6 + 8 * 2 + 350 * 0.5) + 350 * (12 + 7) + 7 + 8 * 2 + 350 * 0.5) / 3600
+    assert f"all 180 runs: {old:.0f} GPU-hours at the old defaults, {2 * 30 * sum(cell_s) / 3600:.0f} at the new" in text
