@@ -190,7 +190,7 @@ for _parser_type, _name in ((positive_int, "positive int"), (nonnegative_int, "n
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(
         prog="main.py", formatter_class=DefaultsFormatter,
-        description="Train a classifier with mixup and measure neural collapse (NC1-NC4) after every epoch.")
+        description="Train a classifier with mixup and measure neural collapse (NC1-NC4) at the epochs of --nc-epochs.")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default="digits", choices=sorted(DATASETS), metavar="NAME",
                       help=f"dataset: {', '.join(sorted(DATASETS))} (digits is bundled with scikit-learn)")

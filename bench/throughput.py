@@ -480,7 +480,7 @@ def nc_lines(model_name, flags, record) -> list:
     return [f"  {model_name} NC pass (train + test, {full} images, C = {DATASETS[flags.dataset][0].num_classes}): "
             f"{record['full_nc_s']:.2f} s ({100 * epoch_share:.0f} % of epoch + NC pass); its parts: eval forward "
             f"bf16 {record['full_eval_forward_bf16_s']:.2f} s, TF32 {record['full_eval_forward_tf32_s']:.2f} s, "
-            f"exact fp32 (the default) {record['full_eval_forward_fp32_s']:.2f} s, "
+            f"exact fp32 {record['full_eval_forward_fp32_s']:.2f} s, "
             f"NC metrics alone {record['full_nc_metrics_s']:.2f} s",
             f"  {model_name} per feature snapshot {record['feature_snapshot_s']:.2f} s; per checkpoint write "
             f"{record['checkpoint_s']:.2f} s ({record['checkpoint_gb']:.2f} GB)"]
