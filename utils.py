@@ -180,6 +180,8 @@ def _add_report_parser(commands) -> None:
                         help="folder for report.md, descriptors.csv, comparisons.csv and figures/")
     report.add_argument("--dpi", metavar="N", type=positive_int, default=REPORT_DPI,
                         help=f"resolution of the figures (default: {REPORT_DPI})")
+    report.add_argument("--no-figures", action="store_true",
+                        help="write report.md and the CSVs without the figures (faster, e.g. for a second factor)")
 
 
 def _key_list(text: str) -> List[str]:
@@ -289,7 +291,7 @@ def command_report(args) -> None:
     if not metrics:
         raise UsageError("--metrics needs at least one descriptor")
     result = build_study(args.runs, args.factor, metrics, _key_list(args.strata))
-    for path in write_report(result, args.out, args.dpi):
+    for path in write_report(result, args.out, None if args.no_figures else args.dpi):
         print(f"wrote {path}")
 
 

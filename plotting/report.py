@@ -53,6 +53,7 @@ class Study:
     excluded: List[Excluded]
     metrics: List[str]
     descriptor_names: List[str]
+    attached_keys: List[str] = field(default_factory=list)  # keys with one value per level (see attached_keys)
     comparisons: List[study.Comparison] = field(default_factory=list)
 
     @property
@@ -109,8 +110,22 @@ def _values_of(runs: Sequence[Run], key: str) -> List[str]:
     return sorted({format_value(freeze(run.config.get(key))) for run in runs})
 
 
-def design(runs: Sequence[Run], factor: str, extra_strata: Sequence[str]) -> List[str]:
-    """The stratum keys; refuses a factor that does not vary and runs that differ in any other key."""
+def attached_keys(runs: Sequence[Run], factor: str, keys: Sequence[str]) -> List[str]:
+    """Keys with one value per level of the factor (width with model: mlp at 1, resnet18 at 0.125):
+    they are part of what a level is, so they cannot stratify it."""
+    attached = []
+    for key in keys:
+        values = defaultdict(set)
+        for run in runs:
+            values[freeze(run.config.get(factor))].add(freeze(run.config.get(key)))
+        if all(len(found) == 1 for found in values.values()):
+            attached.append(key)
+    return attached
+
+
+def design(runs: Sequence[Run], factor: str, extra_strata: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """(stratum keys, keys attached to the factor); refuses a factor that does not vary and runs that
+    differ in any other key."""
     if factor == SEED_KEY:
         raise RunError("--factor seed: seeds are what every statistic averages over; choose a config key")
     if all(factor not in run.config for run in runs):
@@ -119,12 +134,13 @@ def design(runs: Sequence[Run], factor: str, extra_strata: Sequence[str]) -> Lis
     if factor not in varying:
         raise RunError(f"--factor {factor} does not vary: every complete run has {factor}="
                        f"{', '.join(_values_of(runs, factor))}")
-    strata = [key for key in varying if key != factor and (key in DESIGN_KEYS or key in extra_strata)]
+    designed = [key for key in varying if key != factor and (key in DESIGN_KEYS or key in extra_strata)]
     for key in varying:
-        if key != factor and key not in strata:
+        if key != factor and key not in designed:
             raise RunError(f"runs differ in {key} ({', '.join(_values_of(runs, key))}), which is neither the "
                            f"factor nor a stratum key; report runs of one protocol, or add --strata {key}")
-    return strata
+    attached = attached_keys(runs, factor, designed)
+    return [key for key in designed if key not in attached], attached
 
 
 def _cells(runs: Sequence[Run], factor: str, strata_keys: Sequence[str]) -> Dict[tuple, Cell]:
@@ -170,13 +186,13 @@ def build_study(arguments: Sequence[str], factor: str, metrics: Sequence[str],
                 extra_strata: Sequence[str] = ()) -> Study:
     """Load, check and lay out the runs, and compute every comparison (see study.py)."""
     runs, excluded = load_study_runs(arguments)
-    strata_keys = design(runs, factor, extra_strata)
+    strata_keys, attached = design(runs, factor, extra_strata)
     cells = _cells(runs, factor, strata_keys)
     check_seeds(cells, factor)
     names = descriptor_names(cells)
     check_metrics(metrics, names)
     levels = sorted({level for _, level in cells}, key=_sortable)
-    result = Study(factor, strata_keys, levels, cells, excluded, list(metrics), names)
+    result = Study(factor, strata_keys, levels, cells, excluded, list(metrics), names, attached)
     result.comparisons = pair_comparisons(result) + mixup_comparisons(result)
     study.apply_holm(result.comparisons)
     return result

@@ -5,7 +5,7 @@ import csv
 import math
 import os
 from dataclasses import replace
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import study
 from .figures import compare_figure, nc_figure
@@ -127,9 +127,14 @@ def summary_lines(result: Study) -> List[str]:
                      f"that survives the correction (which is not evidence that there is none).")
     excluding = [row for row in tested if row.kind != "mixup effect differs" and row.p_holm >= ALPHA
                  and not (row.low <= 0.0 <= row.high)]
-    if excluding:
-        lines.append(f"- {len(excluding)} more have an uncorrected 95 % CI that excludes "
-                     f"{'1 (ratio) or 0 (difference)'} but do not survive Holm's correction; treat them as leads.")
+    effects = [row for row in excluding if row.kind == "mixup effect"]
+    if effects:
+        lines.append(f"- Mixup effects whose uncorrected 95 % CI excludes 1 but that do not survive Holm's "
+                     f"correction (leads, not findings):")
+        lines += [f"  - {_finding(row)}" for row in effects]
+    if len(excluding) > len(effects):
+        lines.append(f"- {len(excluding) - len(effects)} pairwise comparisons have an uncorrected 95 % CI that "
+                     f"excludes 1 (ratio) or 0 (difference) but do not survive Holm's correction; see the tables.")
     return lines + [""]
 
 
@@ -158,7 +163,7 @@ def _one_seed_each(groups):
 
 FIGURES = (("nc", "Neural-collapse panels (train split), mean and ±1 std over seeds",
             lambda groups: nc_figure(groups, "train", BAND)),
-           ("nc1_loglog", "NC1 against epoch on log-log axes (train solid panel, test second panel)",
+           ("nc1_loglog", "NC1 of the train split (left) and the test split (right) against epoch, log-log axes",
             loglog_nc1_figure),
            ("representations", "Mixup features on the classifier-simplex plane at the last feature epoch "
                                "(smallest seed of each level)",
@@ -203,9 +208,11 @@ def header_lines(result: Study) -> List[str]:
     shared = common_description(result.runs(), [result.factor] + result.strata_keys)
     levels = ", ".join(format_value(level) for level in result.levels)
     strata = ", ".join(result.strata_keys) or "none (every other key is shared)"
+    attached = "".join(f"\n- **Goes with the factor**: {key} ({_attached_values(result, key)}), one value per level."
+                       for key in result.attached_keys)
     return [f"# Report: {result.factor} compared", "",
             f"- **Factor**: `{result.factor}` with levels {levels}.",
-            f"- **Strata** (compared within each combination): {strata}.",
+            f"- **Strata** (compared within each combination): {strata}.{attached}",
             f"- **Shared settings**: {shared or 'see descriptors.csv'}.",
             f"- **Runs**: {len(result.runs())} complete runs used, {len(result.excluded)} left out "
             f"(see [Left out](#left-out)).",
@@ -215,6 +222,11 @@ def header_lines(result: Study) -> List[str]:
             f"whether they differ between levels; p (Holm) corrects over all {sum(r.tested for r in result.comparisons)} "
             f"tests of this report; P(X > Y) is the probability of improvement over seeds (rliable). "
             f"Formulas: docs/report.md.", ""]
+
+
+def _attached_values(result: Study, key: str) -> str:
+    pairs = {(format_value(run.config.get(result.factor)), format_value(run.config.get(key))) for run in result.runs()}
+    return ", ".join(f"{key}={value} with {level}" for level, value in sorted(pairs))
 
 
 def render_markdown(result: Study, figure_lines: Sequence[str]) -> str:
@@ -281,8 +293,9 @@ def write_comparisons_csv(result: Study, path: str) -> None:
     _write_rows(path, COMPARISON_FIELDS, rows)
 
 
-def write_report(result: Study, out_dir: str, dpi: int) -> List[str]:
-    """report.md, descriptors.csv, comparisons.csv and figures/ in out_dir; returns the paths written."""
+def write_report(result: Study, out_dir: str, dpi: Optional[int]) -> List[str]:
+    """report.md, descriptors.csv, comparisons.csv and figures/ (at dpi; None: no figures) in out_dir;
+    returns the paths written."""
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
@@ -290,7 +303,7 @@ def write_report(result: Study, out_dir: str, dpi: int) -> List[str]:
     paths = [os.path.join(out_dir, name) for name in ("descriptors.csv", "comparisons.csv", "report.md")]
     write_descriptors_csv(result, paths[0])
     write_comparisons_csv(result, paths[1])
-    figure_lines = write_figures(result, out_dir, dpi)
+    figure_lines = write_figures(result, out_dir, dpi) if dpi else ["No figures (--no-figures).", ""]
     try:
         with open(paths[2], "w") as handle:
             handle.write(render_markdown(result, figure_lines))

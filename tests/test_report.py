@@ -12,7 +12,8 @@ from scipy import stats
 
 import study
 import utils
-from plotting.report import build_study
+from plotting.loading import Run
+from plotting.report import build_study, design
 from plotting.report_render import render_markdown
 from helpers import TINY, train_runs
 
@@ -255,3 +256,12 @@ def test_an_empty_folder_is_refused(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, _, err = report([tmp_path / "empty", "--factor", "loss", "--out", tmp_path / "rep"], capsys)
     assert_refused(code, err, "no metrics.pkl here or in any folder below it")
+
+
+def test_a_key_with_one_value_per_level_goes_with_the_factor_instead_of_stratifying():
+    def run(model, width, loss):
+        return Run(f"{model}_{loss}", {"model": model, "width": width, "loss": loss, "seed": 0}, [], "complete")
+    runs = [run(model, width, loss) for model, width in (("mlp", 1.0), ("resnet18", 0.125))
+            for loss in ("mse", "focal")]
+    assert design(runs, "model", ()) == (["loss"], ["width"])
+    assert design(runs, "loss", ()) == (["model", "width"], [])
