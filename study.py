@@ -26,7 +26,7 @@ test of whether per-seed mixup effects differ between levels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -44,6 +44,9 @@ LINEAR_DESCRIPTORS = ("train_acc", "test_acc", "test_ece", "nc4", "tpt_epoch", "
 # The NC keys of the last record, by descriptor name: (split, key in collapse_metrics.nc_metrics).
 FINAL_NC = {"nc1_train": ("train", "nc1"), "nc1_test": ("test", "nc1"), "nc1_cdnv": ("train", "nc1_cdnv"),
             "nc2_etf_h": ("train", "nc2_etf_h"), "nc3": ("train", "nc3"), "nc4": ("train", "nc4")}
+# Every descriptor a run can have, in the order of the tables (layer.STAGE.nc1 ones follow).
+DESCRIPTOR_ORDER = ("train_acc", "test_acc", "test_ece", *FINAL_NC, "tpt_epoch", "nc1_at_tpt", "collapse_rate",
+                    "ufm_residual", "mixup_nonlinearity")
 # Epochs the collapse rate used: reported with each run, never averaged.
 BOOKKEEPING_DESCRIPTORS = ("collapse_from", "collapse_to", "collapse_points")
 LAYER_PREFIX = "layer."
@@ -217,7 +220,6 @@ class Comparison:
     p_holm: float = math.nan
     prob_improvement: float = math.nan  # P(X > Y) over seeds (pairs only)
     note: str = ""  # why there is no test ("n < 2"), or the test used
-    extra: Dict[str, str] = field(default_factory=dict)
 
     def back(self, value: float) -> float:
         return 10.0 ** value if self.log else value

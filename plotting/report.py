@@ -169,8 +169,7 @@ def check_seeds(cells: Dict[tuple, Cell], factor: str) -> None:
 
 
 def descriptor_names(cells: Dict[tuple, Cell]) -> List[str]:
-    names = list(study.LINEAR_DESCRIPTORS[:3]) + list(study.FINAL_NC) + \
-        ["tpt_epoch", "nc1_at_tpt", "collapse_rate", "ufm_residual", "mixup_nonlinearity"]
+    names = list(study.DESCRIPTOR_ORDER)
     layers = sorted({name for cell in cells.values() for row in cell.rows for name in row
                      if name.startswith(study.LAYER_PREFIX)})
     return names + layers

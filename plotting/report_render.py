@@ -17,6 +17,7 @@ from .representations import representations_figure
 from .style import figure_style, save_figure
 
 ALPHA = 0.05
+TPT = "tpt_epoch"
 FIGURE_DIR = "figures"
 BAND = "std"  # seed bands: +-1 sample-free std of the runs (of log10 values on log axes)
 # What each descriptor is, for the tables (the formulas are in study.py and docs/report.md).
@@ -71,9 +72,18 @@ def descriptor_table(result: Study, stratum) -> List[str]:
         log = study.is_log_scale(name)
         label = f"{name}{' (geo. mean)' if log else ''}"
         row = [label] + [stats_cell(cell.values(name), log, len(cell.runs)) for cell in cells]
+        if name == TPT:  # a run that never reaches 100 % is no missing value: say how many did
+            row = [label] + [_reached(entry, cell.values(name)) for entry, cell in zip(row[1:], cells)]
         if any(entry != "n/a" for entry in row[1:]):
             rows.append(row)
     return markdown_table(header, rows)
+
+
+def _reached(entry: str, values: Sequence[float]) -> str:
+    reached = sum(math.isfinite(v) for v in values)
+    if not reached:
+        return f"never ({len(values)} runs)"
+    return f"{entry.split(' (n=')[0]} ({reached}/{len(values)} reached)"
 
 
 # ---------------------------------------------------------------- comparison tables

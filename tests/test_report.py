@@ -187,6 +187,7 @@ def test_the_report_renders_with_its_counts_and_lists_what_it_left_out(sweep, tm
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "| descriptor | loss=cross_entropy | loss=mse |" in text
     assert text.count("| n (seeds) | 2 | 2 |") == 2  # one table per mixup_alpha stratum
+    assert text.count("| tpt_epoch | never (2 runs) | never (2 runs) |") == 2  # 3 tiny epochs: no TPT
     left_out = text.split("## Left out")[1]
     assert "crashed`: " in left_out and "mse_a0_s2`: status interrupted at epoch 1" in left_out
     for name in ("nc_all_runs.png", "nc1_loglog_all_runs.png", "representations_all_runs.png"):
