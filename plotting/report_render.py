@@ -7,6 +7,9 @@ import os
 from dataclasses import replace
 from typing import Callable, List, Optional, Sequence
 
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from PIL import Image
+
 import study
 from .figures import compare_figure, nc_figure
 from .groups import common_description, format_value, group_runs
@@ -19,7 +22,7 @@ from .style import figure_style, save_figure
 ALPHA = 0.05
 TPT = "tpt_epoch"
 FIGURE_DIR = "figures"
-BAND = "std"  # seed bands: +-1 sample-free std of the runs (of log10 values on log axes)
+BAND = "std"  # seed bands: mean +-1 std of the runs, as `utils.py compare --band std` draws them
 # What each descriptor is, for the tables (the formulas are in study.py and docs/report.md).
 DESCRIPTIONS = {
     "train_acc": "train accuracy (clean), last epoch", "test_acc": "test accuracy, last epoch",
@@ -163,12 +166,18 @@ def loglog_nc1_figure(groups):
         if ax.has_data() and ax.get_visible() and ax.get_yscale() == "log":
             ax.set_xscale("log")
             ax.set_xlim(1, last * 1.1)
+            # epochs as plain numbers (1, 2, 5, 10, 20, 50), not powers of ten
+            ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     return figure
 
 
 def _one_seed_each(groups):
-    """Each group's run of the smallest seed: one triangle row per level keeps the figure readable."""
-    return [replace(group, runs=[min(group.runs, key=lambda run: str(run.seed))]) for group in groups]
+    """Each group's run of the smallest seed, of the groups trained with mixup when there are such (the view
+    of Fisher et al. 2024): one triangle row per level keeps the figure readable."""
+    mixed = [group for group in groups if float(dict(group.key).get(MIXUP_KEY, 0) or 0) > 0]
+    return [replace(group, runs=[min(group.runs, key=lambda run: str(run.seed))]) for group in mixed or groups]
 
 
 FIGURES = (("nc", "Neural-collapse panels (train split), mean and ±1 std over seeds",
@@ -176,7 +185,7 @@ FIGURES = (("nc", "Neural-collapse panels (train split), mean and ±1 std over s
            ("nc1_loglog", "NC1 of the train split (left) and the test split (right) against epoch, log-log axes",
             loglog_nc1_figure),
            ("representations", "Mixup features on the classifier-simplex plane at the last feature epoch "
-                               "(smallest seed of each level)",
+                               "(smallest seed of each level; the runs trained with mixup where there are some)",
             lambda groups: representations_figure(_one_seed_each(groups), "last", "triangle")))
 
 
@@ -209,7 +218,17 @@ def _render(build: Callable, groups, full_path: str, dpi: int, caption: str, pat
             save_figure(build(groups), full_path, dpi)
     except RunError as error:  # e.g. runs without features pickles have no representations
         return f"*{caption}: not drawn ({error}).*"
+    shrink_png(full_path)
     return f"{caption}:\n\n![{caption}]({path})"
+
+
+def shrink_png(path: str) -> None:
+    """A 256-colour palette, no dithering (flat colours stay flat): a report's figures travel with it in
+    git, and this makes each a third of its size or less. Pillow comes with matplotlib."""
+    with Image.open(path) as image:
+        reduced = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                dither=Image.Dither.NONE)
+    reduced.save(path, optimize=True)
 
 
 # ---------------------------------------------------------------- report.md and the CSVs
