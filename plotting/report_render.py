@@ -258,8 +258,41 @@ def _attached_values(result: Study, key: str) -> str:
     return ", ".join(f"{key}={value} with {level}" for level, value in sorted(pairs))
 
 
+def headline_tables(result: Study) -> List[str]:
+    """Per log-scale descriptor compared: the mixup ratio of every level (rows) in every stratum (columns),
+    and whether it differs between levels; the study's question in one table each."""
+    effects = [row for row in result.comparisons if row.kind != "pair"]
+    lines = []
+    for metric in dict.fromkeys(row.metric for row in effects):
+        mine = [row for row in effects if row.metric == metric]
+        columns = list(dict.fromkeys(row.stratum for row in mine))
+        levels = list(dict.fromkeys(row.levels for row in mine if row.kind == "mixup effect"))
+        cell = {(row.stratum, row.levels): row for row in mine}
+        body = [[level] + [_effect_cell(cell.get((column, level))) for column in columns] for level in levels]
+        differ = {row.stratum: row for row in mine if row.kind == "mixup effect differs"}
+        body.append([f"differs between levels? (permutation p; Holm p)"] +
+                    [f"{p_text(differ[c].p)}; {p_text(differ[c].p_holm)}" if c in differ and differ[c].tested
+                     else "n < 2" for c in columns])
+        lines += [f"**{metric}: with / without mixup** (geometric mean of per-seed ratios [95 % CI], n seeds)", ""]
+        lines += markdown_table([result.factor] + columns, body)
+    return lines
+
+
+def _effect_cell(row) -> str:
+    if row is None:
+        return ""
+    if not row.tested:
+        return f"n < 2 (n={row.n})"
+    mark = " *" if row.p_holm < ALPHA else ""
+    return f"{number(row.back(row.estimate))} {interval(row.back(row.low), row.back(row.high))}, n={row.n}{mark}"
+
+
 def render_markdown(result: Study, figure_lines: Sequence[str]) -> str:
     lines = header_lines(result) + ["## Summary", ""] + summary_lines(result)
+    headline = headline_tables(result)
+    if headline:
+        lines += ["## Headline: the mixup effect per level", "", f"\\* marks a Holm-corrected p < {ALPHA}.", ""]
+        lines += headline
     lines += ["## Descriptors per stratum", ""]
     for stratum in result.strata:
         lines += [f"### {stratum_label(stratum)}", ""] + descriptor_table(result, stratum)
