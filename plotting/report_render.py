@@ -28,8 +28,8 @@ DESCRIPTIONS = {
     "train_acc": "train accuracy (clean), last epoch", "test_acc": "test accuracy, last epoch",
     "test_ece": "test ECE, last epoch", "nc1_train": "NC1 train, last", "nc1_test": "NC1 test, last",
     "nc1_cdnv": "CDNV train, last", "nc2_etf_h": "ETF error of class means, last", "nc3": "NC3, last",
-    "nc4": "NC4 train, last", "tpt_epoch": "TPT onset (epoch, runs that reach it)",
-    "nc1_at_tpt": "NC1 train at TPT onset", "collapse_rate": "slope of log NC1 vs log epoch",
+    "nc4": "NC4 train, last", "tpt_epoch": "first epoch at 100 % clean train accuracy (TPT onset)",
+    "nc1_at_tpt": "NC1 train at TPT onset", "collapse_rate": "slope of log NC1 vs log epoch from TPT onset",
     "ufm_residual": "UFM residual, last feature epoch", "mixup_nonlinearity": "mixup non-linearity, last feature epoch",
 }
 
@@ -80,6 +80,11 @@ def descriptor_table(result: Study, stratum) -> List[str]:
         if any(entry != "n/a" for entry in row[1:]):
             rows.append(row)
     return markdown_table(header, rows)
+
+
+def descriptor_legend(result: Study) -> str:
+    named = [f"`{name}` {DESCRIPTIONS[name]}" for name in result.descriptor_names if name in DESCRIPTIONS]
+    return "Mean [95 % CI] over seeds. " + "; ".join(named) + "; `layer.STAGE.nc1` NC1 at a stage, last."
 
 
 def _reached(entry: str, values: Sequence[float]) -> str:
@@ -293,7 +298,7 @@ def render_markdown(result: Study, figure_lines: Sequence[str]) -> str:
     if headline:
         lines += ["## Headline: the mixup effect per level", "", f"\\* marks a Holm-corrected p < {ALPHA}.", ""]
         lines += headline
-    lines += ["## Descriptors per stratum", ""]
+    lines += ["## Descriptors per stratum", "", descriptor_legend(result), ""]
     for stratum in result.strata:
         lines += [f"### {stratum_label(stratum)}", ""] + descriptor_table(result, stratum)
     effects = [row for row in result.comparisons if row.kind != "pair"]
