@@ -239,6 +239,7 @@ def shrink_png(path: str) -> None:
 # ---------------------------------------------------------------- report.md and the CSVs
 
 def header_lines(result: Study) -> List[str]:
+    tests = sum(row.tested for row in result.comparisons)
     shared = common_description(result.runs(), [result.factor] + result.strata_keys)
     levels = ", ".join(format_value(level) for level in result.levels)
     strata = ", ".join(result.strata_keys) or "none (every other key is shared)"
@@ -253,7 +254,7 @@ def header_lines(result: Study) -> List[str]:
             f"- **Statistics**: cells are the mean over seeds with its 95 % t-interval (sample std, ddof 1); "
             f"descriptors marked *geo. mean* are averaged as log10 values and compared as ratios. Pairs: Welch's "
             f"t-test; mixup effects: per-seed log ratios (paired by seed), t-interval, and a permutation test of "
-            f"whether they differ between levels; p (Holm) corrects over all {sum(r.tested for r in result.comparisons)} "
+            f"whether they differ between levels; p (Holm) corrects over all {tests} "
             f"tests of this report; P(X > Y) is the probability of improvement over seeds (rliable). "
             f"Formulas: docs/report.md.", ""]
 
