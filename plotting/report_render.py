@@ -253,8 +253,9 @@ def header_lines(result: Study) -> List[str]:
             f"(see [Left out](#left-out)).",
             f"- **Statistics**: cells are the mean over seeds with its 95 % t-interval (sample std, ddof 1); "
             f"descriptors marked *geo. mean* are averaged as log10 values and compared as ratios. Pairs: Welch's "
-            f"t-test; mixup effects: per-seed log ratios (paired by seed), t-interval, and a permutation test of "
-            f"whether they differ between levels; p (Holm) corrects over all {tests} "
+            f"t-test; mixup effects: per-seed log ratios (paired by seed), t-interval, and whether they differ "
+            f"between levels (Welch's t for two levels, a permutation test for more); p (Holm) corrects over "
+            f"all {tests} "
             f"tests of this report; P(X > Y) is the probability of improvement over seeds (rliable). "
             f"Formulas: docs/report.md.", ""]
 
@@ -276,7 +277,7 @@ def headline_tables(result: Study) -> List[str]:
         cell = {(row.stratum, row.levels): row for row in mine}
         body = [[level] + [_effect_cell(cell.get((column, level))) for column in columns] for level in levels]
         differ = {row.stratum: row for row in mine if row.kind == "mixup effect differs"}
-        body.append([f"differs between levels? (permutation p; Holm p)"] +
+        body.append([f"differs between levels? (p; Holm p)"] +
                     [f"{p_text(differ[c].p)}; {p_text(differ[c].p_holm)}" if c in differ and differ[c].tested
                      else "n < 2" for c in columns])
         lines += [f"**{metric}: with / without mixup** (geometric mean of per-seed ratios [95 % CI], n seeds)", ""]

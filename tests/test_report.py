@@ -129,11 +129,14 @@ def test_probability_of_improvement_by_hand():
     assert study.probability_of_improvement([1, 3, 5], [0, 3]) == pytest.approx(0.75)
 
 
-def test_the_mixup_effect_test_is_an_exact_permutation_test():
-    samples = {"a": [0.0, 0.1, 0.05], "b": [1.0, 1.1, 1.05]}
+def test_whether_mixup_effects_differ_is_an_exact_permutation_test_for_three_levels():
+    samples = {"a": [0.0, 0.1, 0.05], "b": [1.0, 1.1, 1.05], "c": [2.0, 2.1, 2.05]}
     row = study.effects_differ(samples, "nc1_train", "")
-    # 20 ways to split six values in two threes; the observed split and its mirror are the most extreme
-    assert row.p == pytest.approx(2 / 20)
+    # 9!/(3!)^3 = 1680 ways to deal nine values into three threes; the observed split and its 3! relabellings
+    # are the most extreme
+    assert row.p == pytest.approx(6 / 1680) and row.note == "permutation test"
+    two = study.effects_differ({"a": [0.0, 0.1, 0.05], "b": [1.0, 1.3, 1.05]}, "nc1_train", "")
+    assert two.p == pytest.approx(stats.ttest_ind([0.0, 0.1, 0.05], [1.0, 1.3, 1.05], equal_var=False).pvalue)
     effect = study.mixup_effect([0.1, 0.3, 0.2], "nc1_train", "", "loss=mse")
     assert effect.back(effect.estimate) == pytest.approx(10 ** 0.2)
     assert effect.p == pytest.approx(stats.ttest_1samp([0.1, 0.3, 0.2], 0).pvalue)
