@@ -22,6 +22,7 @@ from .style import figure_style, save_figure
 ALPHA = 0.05
 TPT = "tpt_epoch"
 FIGURE_DIR = "figures"
+LEGEND_ROW_INCHES = 0.2  # the height of one legend entry in a single-column legend
 BAND = "std"  # seed bands: mean +-1 std of the runs, as `utils.py compare --band std` draws them
 # What each descriptor is, for the tables (the formulas are in study.py and docs/report.md).
 DESCRIPTIONS = {
@@ -166,6 +167,9 @@ def _slug(text: str) -> str:
 def loglog_nc1_figure(groups):
     """NC1 (train and test) against epoch on log-log axes, where a power law is a straight line."""
     figure = compare_figure(groups, [resolve_metric("train.nc1"), resolve_metric("test.nc1")], BAND)
+    # one row of two panels leaves the legend (one entry per group here) no room: grow the figure for it
+    width, height = figure.get_size_inches()
+    figure.set_size_inches(width, height + LEGEND_ROW_INCHES * len(groups))
     last = max(record["epoch"] for group in groups for run in group.runs for record in run.records)
     for ax in figure.axes:
         if ax.has_data() and ax.get_visible() and ax.get_yscale() == "log":
