@@ -10,6 +10,7 @@
     python utils.py representations runs/x --layer hidden1   # at a stage below the classifier
     python utils.py representations runs/x --mix cutmix      # the CutMix points of the class triple
     python utils.py layers runs/x runs/y --epochs 0,10,last  # NC1, NCC error, non-linearity against depth
+    python utils.py report runs/ --factor loss --out report/  # descriptors, CIs, tests: report.md + CSVs
 
 A RUN is a run folder, a glob of run folders, or a parent folder (a sweep):
 every run folder below it is used. Runs that differ only in --seed are
@@ -29,6 +30,8 @@ from plotting.figures import calibration_figure, compare_figure, curves_figure, 
 from plotting.groups import check_distinct_seeds, describe_mixing, group_runs
 from plotting.loading import MIXED_POINTS, RunError, load_runs
 from plotting.metrics import BANDS, SPLITS, check_layer_stages, errors_for_accuracies, parse_metric_list
+from plotting.report import DEFAULT_REPORT_METRICS, build_study
+from plotting.report_render import write_report
 from plotting.representations import VIEWS, representations_figure
 from plotting.style import DEFAULT_DPI, check_output_path, figure_style, save_figure
 from plotting.summary import DEFAULT_SUMMARY_METRICS, format_table, summary_rows, write_csv
@@ -37,6 +40,7 @@ from plotting.triangle import FEATURES, TriangleOptions
 PROG = "utils.py"
 EXIT_ERROR, EXIT_USAGE = 1, 2
 DEFAULT_COMPARE_METRICS = "test_err,train_err,nc1,nc2_etf_h,nc3,nc4"
+REPORT_DPI = 100  # the figures are embedded in report.md: small files
 
 
 class UsageError(Exception):
@@ -125,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"columns (default: {DEFAULT_SUMMARY_METRICS})")
     _add_split(summary, "split of bare NC metric names")
     summary.add_argument("--csv", metavar="FILE", default=None,
-                         help="also write the table as CSV, with mean, std, min, max and n per metric")
+                         help="also write the table as CSV, with mean, sample std, min, max and n per metric")
 
     representations = commands.add_parser(
         "representations", help="mixup features of the class triple on the classifier-simplex plane "
@@ -166,7 +170,33 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--epochs", metavar="E[,E]", default=None,
                         help="epochs to draw, one line each; 'last' is the last measured (default: epoch 0 "
                              "and up to 4 spread over the feature epochs)")
+    _add_report_parser(commands)
     return parser
+
+
+def _add_report_parser(commands) -> None:
+    report = commands.add_parser("report", help="per-run descriptors, seed statistics with 95 %% CIs and tests "
+                                                "of one factor within strata: report.md, CSVs and figures")
+    report.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run folder, glob of run folders, or a parent folder holding run folders")
+    report.add_argument("--factor", metavar="KEY", required=True,
+                        help="config key whose levels are compared (loss, mixup_alpha, model, dataset, ...)")
+    report.add_argument("--metrics", metavar="D[,D]", default=DEFAULT_REPORT_METRICS,
+                        help=f"descriptors to compare (every descriptor is tabulated) "
+                             f"(default: {DEFAULT_REPORT_METRICS})")
+    report.add_argument("--strata", metavar="KEY[,KEY]", default="",
+                        help="further config keys to compare within (besides the design keys dataset, model, "
+                             "width, loss, mixup_alpha, ...); runs differing in any other key are refused")
+    report.add_argument("--out", metavar="DIR", required=True,
+                        help="folder for report.md, descriptors.csv, comparisons.csv and figures/")
+    report.add_argument("--dpi", metavar="N", type=positive_int, default=REPORT_DPI,
+                        help=f"resolution of the figures (default: {REPORT_DPI})")
+    report.add_argument("--no-figures", action="store_true",
+                        help="write report.md and the CSVs without the figures (faster, e.g. for a second factor)")
+
+
+def _key_list(text: str) -> List[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def default_output(folders: List[str], file_name: str) -> str:
@@ -270,9 +300,18 @@ def command_layers(args) -> None:
     _render(lambda: layers_figure(groups, args.epochs), args, runs, "layers.png")
 
 
+def command_report(args) -> None:
+    metrics = _key_list(args.metrics)
+    if not metrics:
+        raise UsageError("--metrics needs at least one descriptor")
+    result = build_study(args.runs, args.factor, metrics, _key_list(args.strata))
+    for path in write_report(result, args.out, None if args.no_figures else args.dpi):
+        print(f"wrote {path}")
+
+
 COMMANDS = {"curves": command_curves, "nc": command_nc, "calibration": command_calibration,
             "compare": command_compare, "summary": command_summary, "representations": command_representations,
-            "layers": command_layers}
+            "layers": command_layers, "report": command_report}
 
 
 def main(argv: Optional[List[str]] = None) -> int:

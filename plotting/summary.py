@@ -15,6 +15,8 @@ from .metrics import Metric, value_at
 DEFAULT_SUMMARY_METRICS = "train_acc,test_acc,test_ece,nc1,nc1_cdnv,nc2_etf_h,nc3,nc4"
 COLUMN_GAP = "  "
 MISSING = "n/a"
+# Ends the header line: which spread the cells show (the runs are a sample of seeds, hence ddof 1).
+SPREAD_NOTE = "(cells: mean ± sample std, ddof 1)"
 
 
 def _record(run: Run, epoch: Optional[int]) -> dict:
@@ -33,7 +35,8 @@ def _statistics(values: List[float]) -> dict:
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
     if finite.size == 0:
         return {"mean": math.nan, "std": math.nan, "min": math.nan, "max": math.nan, "n": 0}
-    return {"mean": float(finite.mean()), "std": float(finite.std()), "min": float(finite.min()),
+    std = float(finite.std(ddof=1)) if finite.size > 1 else math.nan  # sample std: the runs are a sample of seeds
+    return {"mean": float(finite.mean()), "std": std, "min": float(finite.min()),
             "max": float(finite.max()), "n": int(finite.size)}
 
 
@@ -67,12 +70,13 @@ def _cell(stats: dict) -> str:
 
 
 def format_table(rows: Sequence[dict], metrics: Sequence[Metric]) -> str:
-    """A plain-text table, columns padded to their widest cell; the cells show mean ± std over runs."""
+    """A plain-text table, columns padded to their widest cell; the cells show mean ± sample std over runs."""
     header = ["group", "runs", "seeds", "epoch", "status"] + [m.name for m in metrics]
     body = [[str(row[key]) for key in header[:5]] + [_cell(row[m.name]) for m in metrics] for row in rows]
     widths = [max(len(line[i]) for line in [header] + body) for i in range(len(header))]
     lines = [COLUMN_GAP.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
              for line in [header] + body]
+    lines[0] += COLUMN_GAP + SPREAD_NOTE
     return "\n".join(lines)
 
 

@@ -220,6 +220,7 @@ def test_summary_prints_one_row_per_group_with_the_mean_over_seeds(sweep, tmp_pa
     lines = out.strip().splitlines()
     assert len(lines) == 1 + len(LOSSES) + 1  # header, one row per group, the CSV note
     assert lines[0].split()[:5] == ["group", "runs", "seeds", "epoch", "status"]
+    assert lines[0].endswith("(cells: mean ± sample std, ddof 1)")
     assert [line.split()[0] for line in lines[1:3]] == ["loss=cross_entropy", "loss=mse"]
     assert lines[3] == f"wrote {table}"
     with open(table) as handle:
@@ -233,6 +234,7 @@ def test_summary_prints_one_row_per_group_with_the_mean_over_seeds(sweep, tmp_pa
         assert row["runs"] == "2" and row["seeds"] == "0,1" and row["epoch"] == str(EPOCHS)
         assert float(row["test_acc_mean"]) == pytest.approx(np.mean(finals))
         assert float(row["test_acc_max"]) == pytest.approx(max(finals))
+        assert float(row["test_acc_std"]) == pytest.approx(np.std(finals, ddof=1))  # seeds are a sample
         assert row["train.nc1_n"] == "2"
 
 
