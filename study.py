@@ -13,8 +13,10 @@ entry were not measured and are skipped where NC is read):
 - collapse_rate: the least-squares slope b of log10 NC1 = a + b log10 epoch over the NC-measured
   epochs from tpt_epoch to the last (from the middle epoch, ceil(last / 2), when there is no TPT),
   with collapse_from, collapse_to and collapse_points (the epochs it used);
-- where the run has them: ufm_residual and mixup_nonlinearity at the last feature epoch, and
-  layer.STAGE.nc1 at the last record that measured stages (--nc-layers).
+- where the run has them, at the last feature epoch: ufm_residual (the UFM fit's whole residual),
+  ufm_shape_residual (its per-target means' part, the distance to the optimum: docs/ufm.md),
+  mixup_nonlinearity (against the class means) and mixup_chord_nonlinearity (against each pair's
+  chord); and layer.STAGE.nc1 at the last record that measured stages (--nc-layers).
 
 Seed statistics use the sample standard deviation (ddof 1) and a 95 % t-interval;
 positive scale-free descriptors (LOG_DESCRIPTORS) are summarised on the log10 scale and
@@ -38,15 +40,15 @@ PERMUTATION_SEED = 0  # a report is a function of its runs: the same p-values on
 TPT_ACCURACY = 1.0
 
 # Positive, scale-free quantities: averaged as log10 values (geometric means, ratios between levels).
-LOG_DESCRIPTORS = ("nc1_train", "nc1_test", "nc1_cdnv", "nc2_etf_h", "nc3", "nc1_at_tpt", "ufm_residual",
-                   "mixup_nonlinearity")
+UFM_DESCRIPTORS = ("ufm_residual", "ufm_shape_residual", "mixup_nonlinearity", "mixup_chord_nonlinearity")
+LOG_DESCRIPTORS = ("nc1_train", "nc1_test", "nc1_cdnv", "nc2_etf_h", "nc3", "nc1_at_tpt", *UFM_DESCRIPTORS)
 LINEAR_DESCRIPTORS = ("train_acc", "test_acc", "test_ece", "nc4", "tpt_epoch", "collapse_rate")
 # The NC keys of the last record, by descriptor name: (split, key in collapse_metrics.nc_metrics).
 FINAL_NC = {"nc1_train": ("train", "nc1"), "nc1_test": ("test", "nc1"), "nc1_cdnv": ("train", "nc1_cdnv"),
             "nc2_etf_h": ("train", "nc2_etf_h"), "nc3": ("train", "nc3"), "nc4": ("train", "nc4")}
 # Every descriptor a run can have, in the order of the tables (layer.STAGE.nc1 ones follow).
 DESCRIPTOR_ORDER = ("train_acc", "test_acc", "test_ece", *FINAL_NC, "tpt_epoch", "nc1_at_tpt", "collapse_rate",
-                    "ufm_residual", "mixup_nonlinearity")
+                    *UFM_DESCRIPTORS)
 # Epochs the collapse rate used: reported with each run, never averaged.
 BOOKKEEPING_DESCRIPTORS = ("collapse_from", "collapse_to", "collapse_points")
 LAYER_PREFIX = "layer."
@@ -104,14 +106,16 @@ def collapse_rate(records: Sequence[dict], onset: Optional[int]) -> Dict[str, fl
 
 
 def ufm_numbers(record: dict) -> Dict[str, float]:
-    """The UFM fit's residual and the mixup non-linearity of one record's mixup geometry.
+    """The UFM fit's residuals and the mixup non-linearities of one record's mixup geometry.
 
     The one place that knows where train.py logs them (record["mixup_geometry"], see
     feature_capture.FeatureCapture.capture); a change of those keys is adjusted here.
     """
     geometry = record.get("mixup_geometry") or {}
-    return {"ufm_residual": _number((geometry.get("ufm") or {}).get("residual")),
-            "mixup_nonlinearity": _number(geometry.get("diff_class_nonlinearity"))}
+    fit = geometry.get("ufm") or {}
+    return {"ufm_residual": _number(fit.get("residual")), "ufm_shape_residual": _number(fit.get("shape_residual")),
+            "mixup_nonlinearity": _number(geometry.get("diff_class_nonlinearity")),
+            "mixup_chord_nonlinearity": _number(geometry.get("diff_class_chord_nonlinearity"))}
 
 
 def _last_with(records: Sequence[dict], key: str) -> Optional[dict]:
@@ -143,7 +147,7 @@ def descriptors(records: Sequence[dict]) -> Dict[str, float]:
     out["nc1_at_tpt"] = nc_value(after[0], "train", "nc1") if after else math.nan
     out.update(collapse_rate(records, onset))
     featured = _last_with(records, "mixup_geometry")
-    out.update(ufm_numbers(featured) if featured else {"ufm_residual": math.nan, "mixup_nonlinearity": math.nan})
+    out.update(ufm_numbers(featured) if featured else dict.fromkeys(UFM_DESCRIPTORS, math.nan))
     out.update(layer_nc1(records))
     return out
 

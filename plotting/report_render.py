@@ -31,7 +31,10 @@ DESCRIPTIONS = {
     "nc1_cdnv": "CDNV train, last", "nc2_etf_h": "ETF error of class means, last", "nc3": "NC3, last",
     "nc4": "NC4 train, last", "tpt_epoch": "first epoch at 100 % clean train accuracy (TPT onset)",
     "nc1_at_tpt": "NC1 train at TPT onset", "collapse_rate": "slope of log NC1 vs log epoch from TPT onset",
-    "ufm_residual": "UFM residual, last feature epoch", "mixup_nonlinearity": "mixup non-linearity, last feature epoch",
+    "ufm_residual": "UFM residual, last feature epoch",
+    "ufm_shape_residual": "UFM shape residual (distance to the optimum), last feature epoch",
+    "mixup_nonlinearity": "mixup non-linearity, last feature epoch",
+    "mixup_chord_nonlinearity": "mixup chord non-linearity, last feature epoch",
 }
 
 

@@ -71,10 +71,12 @@ def test_accuracy_one_at_epoch_zero_is_not_the_terminal_phase():
 def test_ufm_and_layer_numbers_come_from_the_last_record_that_has_them():
     records = planted_records()
     records[10]["mixup_geometry"] = {"diff_class_nonlinearity": 0.9, "ufm": {"residual": 0.7}}
-    records[30]["mixup_geometry"] = {"diff_class_nonlinearity": 0.4, "ufm": {"residual": 0.2}}
+    records[30]["mixup_geometry"] = {"diff_class_nonlinearity": 0.4, "diff_class_chord_nonlinearity": 0.3,
+                                     "ufm": {"residual": 0.2, "shape_residual": 0.1}}
     records[30]["nc_layers"] = {"hidden1": {"nc1": 5.0}, "features": {"nc1": 0.5}}
     out = study.descriptors(records)
     assert (out["ufm_residual"], out["mixup_nonlinearity"]) == (0.2, 0.4)
+    assert (out["ufm_shape_residual"], out["mixup_chord_nonlinearity"]) == (0.1, 0.3)
     assert (out["layer.hidden1.nc1"], out["layer.features.nc1"]) == (5.0, 0.5)
     assert study.is_log_scale("layer.hidden1.nc1") and not study.is_log_scale("collapse_rate")
 
