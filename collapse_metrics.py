@@ -534,6 +534,8 @@ def nearest_simplex_etf(W) -> torch.Tensor:
     C, d = W.shape
     if C < 2 or d < C - 1:
         raise ValueError(f"a simplex ETF of {C} classes needs 2 <= C <= d + 1 (d = {d})")
+    if not bool(torch.isfinite(W).all()):  # a diverged run: no rotation to find
+        raise ValueError("W is not finite")
     centred = torch.eye(C, dtype=torch.float64, device=W.device) - 1.0 / C
     standard = centred / centred.norm(dim=1, keepdim=True)
     U, _, Vh = torch.linalg.svd(standard.T @ W, full_matrices=False)

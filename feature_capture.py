@@ -164,7 +164,7 @@ class FeatureCapture:
         the run's own classifier; for a learned one, the paper's benchmark beside the run's own W and b."""
         try:
             etf = nearest_simplex_etf(weight)
-        except ValueError as error:  # d < C - 1: no ETF fits in the feature space
+        except ValueError as error:  # d < C - 1 (no ETF fits in the feature space), or a non-finite W
             return ufm.unfitted_metrics(f"no simplex ETF benchmark: {error}")
         lam = self.lam if lam is None else lam
         targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])

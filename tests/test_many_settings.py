@@ -172,12 +172,14 @@ def test_calibration_histograms_share_one_scale(figures):
 
 
 def plant_far_theory(folder, factor):
-    """Move every theory curve of the last features pickle `factor` times further from the centre."""
+    """Move every theory curve of the last features pickle `factor` times further from the centre the
+    figure subtracts (the mean of the class means: the curves are uncentred, as the features)."""
     path = folder / "features" / f"epoch_{EPOCHS:04d}.pkl"
     with open(path, "rb") as handle:
         payload = pickle.load(handle)
     curves = payload["mixup"]["ufm_curves"]
-    curves["H"] = np.asarray(curves["H"]) * factor
+    centre = np.asarray(payload["class_means"], dtype=np.float64).mean(axis=0)
+    curves["H"] = centre + (np.asarray(curves["H"]) - centre) * factor
     with open(path, "wb") as handle:
         pickle.dump(payload, handle)
 

@@ -132,9 +132,13 @@ def test_nearest_simplex_etf_is_the_procrustes_rotation_of_a_standard_etf(C_, d)
         assert np.linalg.norm(etf - W.numpy()) <= np.linalg.norm(other - W.numpy()) + 1e-12
 
 
-def test_nearest_simplex_etf_needs_room_for_the_simplex():
+def test_nearest_simplex_etf_needs_room_for_the_simplex_and_a_finite_classifier():
     with pytest.raises(ValueError, match="needs 2 <= C <= d \\+ 1"):
         nearest_simplex_etf(torch.randn(6, 4))
+    W = torch.randn(4, 6)
+    W[1, 2] = math.nan
+    with pytest.raises(ValueError, match="W is not finite"):
+        nearest_simplex_etf(W)
 
 
 # ---------------------------------------------------------------- the chord non-linearity
