@@ -7,7 +7,7 @@
 #      numbers), docs/ufm.md (the residual table), docs/layers.md (the per-layer tables and the
 #      cost of --nc-layers); docs/development.md lists where each goes.
 # On the project's 2-core CPU machine it trains ten 100-epoch runs, then bench/ufm_claim.py's twelve:
-# about fifteen minutes when the machine is otherwise idle, about 35 on a busy one. The numbers in README.md and docs/*.md
+# 362 s on the idle 2-core AMD EPYC machine (2026-12-07), about three times that on a busy one. The numbers in README.md and docs/*.md
 # come from it. Their last digits differ between CPU models (the order of float
 # summation differs), and wall times vary with the machine's load.
 #
