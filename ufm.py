@@ -47,7 +47,10 @@ Solvers:
   minimiser to piece minimiser, changing every wrong piece at once; the rows they do not certify
   within MAX_PIECE_STEPS continue with a primal active-set method (`_mae`), which moves to the next
   piece or to the current piece's minimiser, one change per step, until its multipliers certify
-  optimality. Either way the solver returns the unique minimiser (the objective is gamma-strongly
+  optimality. Degenerate pieces (more logits on their targets than W has rank, ties) cannot make it
+  cycle: the joining and the leaving logit follow Bland's rule (the lowest index), and a step or a
+  rate within rounding of zero blocks nothing (DEGENERATE_RATE_RTOL, NEGLIGIBLE_STEP_RTOL); the tests
+  perturb such cases by a few ulps, where a last bit had made it cycle on one CPU and not another. Either way the solver returns the unique minimiser (the objective is gamma-strongly
   convex) exactly, up to the rounding of its linear algebra: h* = -W^T u / gamma with u in
   [-1, 1]^C (to CERTIFICATE_RTOL), u_c = sign(r_c) wherever the logit residual
   r = W h* + b - kappa t~ is non-zero, and r_c = 0 (those logits sit exactly on their targets)
