@@ -1,4 +1,5 @@
 """Helpers shared by the end-to-end tests: tiny runs of main.py, in process or as a child."""
+import contextlib
 import math
 import os
 import pickle
@@ -30,16 +31,23 @@ def run_main(argv):
         return stop.code
 
 
-def train_runs(root, runs: dict, common_flags) -> None:
-    """main.py once per {run name: flags} into root, on one torch thread (tiny tensors: extra threads
-    only add synchronisation), the caller's thread count restored after."""
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread inside, the caller's count restored after: tiny tensors gain nothing from
+    intra-op threads, which only add synchronisation (and wait for cores on a busy machine)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, flags in runs.items():
-            assert main.main(["--out-dir", str(root), "--run-name", name, *flags, *common_flags]) == 0
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def train_runs(root, runs: dict, common_flags) -> None:
+    """main.py once per {run name: flags} into root, on one torch thread."""
+    with one_torch_thread():
+        for name, flags in runs.items():
+            assert main.main(["--out-dir", str(root), "--run-name", name, *flags, *common_flags]) == 0
 
 
 def spawn_main(argv, **kwargs) -> subprocess.Popen:

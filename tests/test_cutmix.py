@@ -12,7 +12,7 @@ import torch
 import mixup
 import utils
 from cli import parse_args
-from helpers import TINY, load, run_main, without_timings
+from helpers import TINY, load, one_torch_thread, run_main, without_timings
 from plotting.metrics import resolve_metric, value_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,11 +173,8 @@ RUN = [*TINY, "--scheduler", "constant", "--feature-pairs", "4", "--feature-lamb
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and wait on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 def test_mix_prob_zero_trains_as_no_mixup(tmp_path):
@@ -194,14 +191,10 @@ def cutmix_runs(tmp_path_factory):
     """A switch run in one go and in two parts (resumed), measuring both rules' points."""
     out = tmp_path_factory.mktemp("cutmix")
     argv = [*RUN, "--cutmix-alpha", "1", "--switch-prob", "0.5", "--out-dir", str(out)]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         assert run_main([*argv, "--run-name", "full", "--epochs", "3"]) == 0
         assert run_main([*argv, "--run-name", "parts", "--epochs", "1"]) == 0
         assert run_main([*argv, "--run-name", "parts", "--epochs", "3", "--resume"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     return out
 
 

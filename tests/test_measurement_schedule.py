@@ -12,7 +12,7 @@ import run_io
 import train
 from cli import default_feature_epochs, log_nc_epochs, nc_epoch_schedule
 from collapse_metrics import nc1_floor, nc_metrics
-from helpers import TINY, load, run_main, without_timings
+from helpers import TINY, load, one_torch_thread, run_main, without_timings
 
 # The epoch_list of Papyan, Han & Donoho's notebook (50 epochs of 350).
 PAPYAN_EPOCHS = [*range(1, 15), 16, 17, 19, 20, 22, 24, 27, 29, 32, 35, 38, 42, 45, 50, 54, 59, 65, 71, 77, 85,
@@ -141,11 +141,8 @@ WALL_TIME_RUN = [*TINY, "--epochs", "8", "--nc-epochs", "log", "--feature-epochs
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """Tiny tensors: extra threads only add synchronisation (and CPU time shared with other jobs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture
