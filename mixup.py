@@ -128,12 +128,8 @@ def box_masks(lam: torch.Tensor, centre: torch.Tensor, height: int, width: int) 
     lam = lam.float()
     top, bottom = box_sides(lam, centre[:, 0].float() * height, height)
     left, right = box_sides(lam, centre[:, 1].float() * width, width)
-    rows = torch.arange(height, device=lam.device, dtype=torch.float32)
-    cols = torch.arange(width, device=lam.device, dtype=torch.float32)
-    in_rows = (rows >= top[:, None]) & (rows < bottom[:, None])
-    in_cols = (cols >= left[:, None]) & (cols < right[:, None])
     area = (bottom - top) * (right - left)
-    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None], 1 - area / (height * width)
+    return boxes_mask(torch.stack([top, bottom, left, right], dim=1), height, width), 1 - area / (height * width)
 
 
 def paste(x_a: torch.Tensor, x_b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -232,7 +228,8 @@ def box_weight(boxes: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def boxes_mask(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """(n, 1, height, width) bool masks of integer (top, bottom, left, right) boxes."""
+    """(n, 1, height, width) bool masks of (top, bottom, left, right) boxes, whole pixels [top, bottom) x
+    [left, right) (integers, or floats of whole values)."""
     rows = torch.arange(height, device=boxes.device)
     cols = torch.arange(width, device=boxes.device)
     in_rows = (rows >= boxes[:, :1]) & (rows < boxes[:, 1:2])
