@@ -129,15 +129,22 @@ class FeatureCapture:
                                                                                   self.y_a != self.y_b)}
         return payload, geometry
 
-    def _ufm_entries(self, H_mix, weight, bias, lam=None) -> tuple:
+    def _ufm_fits(self, H, weight, bias, lam) -> dict:
+        """The UFM entries of these points' pickle entry: the fit to the run's classifier (`ufm`, `H_ufm`,
+        `ufm_curves`) and to the nearest simplex ETF (`ufm_etf`), both against the targets weighted by
+        `lam` (mixup's lambdas, or CutMix's pasted areas)."""
+        targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])
+        fit, H_ufm, curves = self._ufm_entries(H, targets, same_class, weight, bias)
+        return {"ufm": fit, "ufm_etf": self._etf_benchmark(H, targets, same_class, weight), "H_ufm": H_ufm,
+                "ufm_curves": curves}
+
+    def _ufm_entries(self, H_mix, targets, same_class, weight, bias) -> tuple:
         """(fit metrics, s H* of the mixup points, theory curves) of the run's loss (ufm.fit), in float32 arrays.
 
         The theory curves are s h*(lam e_a + (1 - lam) e_b) over UFM_CURVE_POINTS lambdas for each pair
         type, in feature coordinates like the fitted points (uncentred, see ufm's "One convention").
         A solver failure leaves NaN metrics that say why, and no arrays, instead of stopping the run.
         """
-        lam = self.lam if lam is None else lam  # CutMix's: the pasted areas, its targets' weights
-        targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])
         start = time.perf_counter()
         try:
             fitted = ufm.fit(H_mix, targets, weight, bias, self.loss_name, same_class=same_class,
@@ -158,7 +165,7 @@ class FeatureCapture:
                        "H": curves.float().cpu().numpy()}
         return metrics, fitted.H_fit.float().cpu().numpy(), curve_entry
 
-    def _etf_benchmark(self, H_mix, weight, lam=None) -> dict:
+    def _etf_benchmark(self, H_mix, targets, same_class, weight) -> dict:
         """The fit against the simplex ETF nearest to W with no bias (collapse_metrics.nearest_simplex_etf):
         the classifier for which Fisher et al. 2024 derive the optimum. For an --etf-classifier run it is
         the run's own classifier; for a learned one, the paper's benchmark beside the run's own W and b."""
@@ -166,8 +173,6 @@ class FeatureCapture:
             etf = nearest_simplex_etf(weight)
         except ValueError as error:  # d < C - 1 (no ETF fits in the feature space), or a non-finite W
             return ufm.unfitted_metrics(f"no simplex ETF benchmark: {error}")
-        lam = self.lam if lam is None else lam
-        targets, same_class = ufm_fit_inputs(lam, self.y_a, self.y_b, weight.shape[0])
         try:
             return ufm.fit(H_mix, targets, etf, None, self.loss_name, same_class=same_class,
                            **self.loss_options).metrics
@@ -182,9 +187,8 @@ class FeatureCapture:
         entry = {"H": H_cut.cpu().numpy(), "y_a": self.y_a, "y_b": self.y_b, "lam": self.box_lam,
                  "lam_grid": self.lam, "boxes": self.boxes, "index_a": self.index_a, "index_b": self.index_b,
                  "pair": self.pair, "triple": list(self.triple), "feature_mode": self.mode}
-        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_cut, weight, bias, self.box_lam)
-        geometry["ufm_etf"] = self._etf_benchmark(H_cut, weight, self.box_lam)
-        entry.update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
+        entry.update(self._ufm_fits(H_cut, weight, bias, self.box_lam))
+        geometry.update(ufm=entry["ufm"], ufm_etf=entry["ufm_etf"])
         return entry, geometry
 
     @torch.inference_mode()
@@ -233,7 +237,6 @@ class FeatureCapture:
         layers = None
         if layer_means:
             layers, geometry["layers"] = self._layer_entries(H_mix, entry["H"], stage_vectors, layer_means)
-        geometry["ufm"], H_ufm, curves = self._ufm_entries(H_mix, weight, bias)
-        geometry["ufm_etf"] = self._etf_benchmark(H_mix, weight)
-        entry.update(ufm=geometry["ufm"], ufm_etf=geometry["ufm_etf"], H_ufm=H_ufm, ufm_curves=curves)
+        entry.update(self._ufm_fits(H_mix, weight, bias, self.lam))
+        geometry.update(ufm=entry["ufm"], ufm_etf=entry["ufm_etf"])
         return entry, geometry, layers
