@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import study
-from .groups import SEED_KEY, _sortable, differing_keys, format_value, freeze
+from .groups import SEED_KEY, Group, _sortable, check_distinct_seeds, differing_keys, format_value, freeze
 from .loading import Run, RunError, find_run_folders, load_run
 
 COMPLETE = "complete"
@@ -155,17 +155,11 @@ def _cells(runs: Sequence[Run], factor: str, strata_keys: Sequence[str]) -> Dict
 
 
 def check_seeds(cells: Dict[tuple, Cell], factor: str) -> None:
-    """Refuse a cell that holds a seed twice (a copied run folder): it would count that seed twice."""
-    repeats = []
-    for cell in cells.values():
-        folders = defaultdict(list)
-        for run in cell.runs:
-            folders[freeze(run.seed)].append(run.folder)
-        repeats += [f"{stratum_label(cell.stratum)}, {factor}={format_value(cell.level)} seed {seed} in "
-                    f"{', '.join(names)}" for seed, names in folders.items() if len(names) > 1]
-    if repeats:
-        raise RunError(f"runs repeat a setting and its seed, so a mean would count that seed twice: "
-                       f"{'; '.join(repeats)} (keep one run folder per seed)")
+    """Refuse a cell that holds a seed twice (a copied run folder): it would count that seed twice.
+    Within a cell only the seed varies (design refuses other keys), so summary's check applies as it is."""
+    check_distinct_seeds([Group((*cell.stratum, (factor, cell.level)),
+                                f"{stratum_label(cell.stratum)}, {factor}={format_value(cell.level)}", cell.runs)
+                          for cell in cells.values()])
 
 
 def descriptor_names(cells: Dict[tuple, Cell]) -> List[str]:

@@ -248,6 +248,15 @@ def test_runs_of_another_protocol_are_refused(sweep, tmp_path, capsys):
     assert not (tmp_path / "rep").exists()
 
 
+def test_a_seed_repeated_in_a_cell_is_refused(sweep, tmp_path, capsys):
+    copied = tmp_path / "runs"
+    shutil.copytree(sweep, copied)
+    shutil.copytree(copied / "mse_a1_s1", copied / "mse_a1_s1_copy")
+    code, _, err = report([copied, "--factor", "loss", "--out", tmp_path / "rep"], capsys)
+    assert_refused(code, err, "runs repeat a setting and its seed", "loss=mse seed 1 in")
+    assert not (tmp_path / "rep").exists()
+
+
 @pytest.mark.parametrize("argv, fragment", [
     (["--factor", "loss", "--metrics", "nc9"], "--metrics: unknown descriptor 'nc9'"),
     (["--factor", "optimizer"], "--factor optimizer does not vary: every complete run has optimizer=sgd"),
