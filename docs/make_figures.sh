@@ -56,11 +56,10 @@ train() {
 shrink_png() {
     python - "$@" <<'PYTHON'
 import os, sys
-from PIL import Image
+from plotting.style import shrink_png
 for path in sys.argv[1:]:
     before = os.path.getsize(path)
-    Image.open(path).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                                             dither=Image.Dither.NONE).save(path, optimize=True)
+    shrink_png(path)
     print(f"{path}: {before // 1024} KB -> {os.path.getsize(path) // 1024} KB (256 colours)")
 PYTHON
 }

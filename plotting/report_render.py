@@ -8,7 +8,6 @@ from dataclasses import replace
 from typing import Callable, List, Optional, Sequence
 
 from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-from PIL import Image
 
 import study
 from .figures import compare_figure, nc_figure
@@ -17,7 +16,7 @@ from .loading import RunError
 from .metrics import resolve_metric
 from .report import MIXUP_KEY, Study, stratum_label
 from .representations import representations_figure
-from .style import figure_style, save_figure
+from .style import figure_style, save_figure, shrink_png
 
 ALPHA = 0.05
 TPT = "tpt_epoch"
@@ -232,15 +231,6 @@ def _render(build: Callable, groups, full_path: str, dpi: int, caption: str, pat
         return f"*{caption}: not drawn ({error}).*"
     shrink_png(full_path)
     return f"{caption}:\n\n![{caption}]({path})"
-
-
-def shrink_png(path: str) -> None:
-    """A 256-colour palette, no dithering (flat colours stay flat): a report's figures travel with it in
-    git, and this makes each a third of its size or less. Pillow comes with matplotlib."""
-    with Image.open(path) as image:
-        reduced = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
-                                                dither=Image.Dither.NONE)
-    reduced.save(path, optimize=True)
 
 
 # ---------------------------------------------------------------- report.md and the CSVs

@@ -13,6 +13,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import matplotlib
 import numpy as np
+from PIL import Image
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
@@ -188,3 +189,13 @@ def band_note(band: str, groups) -> str:
         return ""
     return {"minmax": "lines: mean over runs (geometric on log axes); bands: min-max",
             "std": "lines: mean over runs (geometric on log axes); bands: ±1 std (of log10 on log axes)"}[band]
+
+
+def shrink_png(path: str) -> None:
+    """Reduce a PNG to a 256-colour palette in place, no dithering (flat colours stay flat): figures that
+    travel in git (docs/, a report's folder) become a third of their size or less. Pillow comes with
+    matplotlib."""
+    with Image.open(path) as image:
+        reduced = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT,
+                                                dither=Image.Dither.NONE)
+    reduced.save(path, optimize=True)

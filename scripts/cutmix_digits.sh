@@ -14,8 +14,4 @@ cutmix.diff_class_chord_nonlinearity,ufm_shape_residual,cutmix.ufm_shape_residua
 # docs/cutmix_representations.png: seed 0's CutMix points (cross-entropy), mixup-trained above, CutMix-trained below
 "$python" utils.py representations "$out"/digits_mlp_cross_entropy_a1_s0_* "$out"/digits_mlp_cross_entropy_a0_cut1_s0_* \
     --mix cutmix --theory --epochs last --dpi 80 --out docs/cutmix_representations.png
-"$python" - <<'PYTHON'  # a 256-colour palette keeps the image small
-from PIL import Image
-path = "docs/cutmix_representations.png"
-Image.open(path).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
-PYTHON
+"$python" -c 'from plotting.style import shrink_png; shrink_png("docs/cutmix_representations.png")'  # 256 colours
