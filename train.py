@@ -307,14 +307,13 @@ class CutMixSteps:
         return self.per_sample or bool(self.draws.cut[step])
 
     def batch(self, run: Run, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple:
-        if not self.per_sample:
-            rows = slice(step, step + 1)  # one box for the whole batch
-            return cutmix_batch(x, y, self.lam[rows], self.centre[rows], None, run.generators.pairs,
-                                run.num_classes)
-        size = y.shape[0]
-        cut = None if self.cut is None else self.cut[step, :size]
-        return cutmix_batch(x, y, self.lam[step, :size], self.centre[step, :size], cut, run.generators.pairs,
-                            run.num_classes)
+        if self.per_sample:
+            size = y.shape[0]
+            lam, centre = self.lam[step, :size], self.centre[step, :size]
+            cut = None if self.cut is None else self.cut[step, :size]
+        else:  # one box for the whole batch
+            lam, centre, cut = self.lam[step:step + 1], self.centre[step:step + 1], None
+        return cutmix_batch(x, y, lam, centre, cut, run.generators.pairs, run.num_classes)
 
 
 @torch.inference_mode()
