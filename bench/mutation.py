@@ -13,7 +13,7 @@ as a missing test, and makes the exit status 1.
 
     pip install 'mutmut==3.8.*'                                 # a dev tool: not in requirements.txt
     python bench/mutation.py                                    # the five pure modules (DEFAULT_PAIRS)
-    python bench/mutation.py ufm.py tests/test_ufm.py           # one module, its test file(s)
+    python bench/mutation.py ufm tests/test_ufm.py              # one module or package, its test file(s)
     cd mutants/losses && mutmut show losses.x_focal__mutmut_1   # a mutant's diff, after a run
 
 The copies stay in mutants/ (git-ignored) for `mutmut show` and `mutmut browse`;
@@ -36,7 +36,7 @@ WORK = ROOT / "mutants"
 ACCEPTED = ROOT / "bench" / "mutation_accepted.txt"
 DEFAULT_PAIRS = (
     ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py"]),
-    ("ufm.py", ["tests/test_ufm.py", "tests/test_ufm_batched.py"]),
+    ("ufm", ["tests/test_ufm.py", "tests/test_ufm_batched.py", "tests/test_ufm_planted.py"]),
     ("losses.py", ["tests/test_losses_mixup.py"]),
     ("mixup.py", ["tests/test_losses_mixup.py"]),
     ("data/batches.py", ["tests/test_data.py"]),
@@ -60,7 +60,8 @@ class MutationError(Exception):
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("module", nargs="?", help="the module to mutate, e.g. ufm.py (default: DEFAULT_PAIRS)")
+    parser.add_argument("module", nargs="?",
+                        help="the module or package to mutate, e.g. losses.py or ufm (default: DEFAULT_PAIRS)")
     parser.add_argument("tests", nargs="*", help="its test files, e.g. tests/test_ufm.py")
     parser.add_argument("--report-only", action="store_true",
                         help="no new run: the table of the last run's results in mutants/ (after editing "
@@ -68,7 +69,11 @@ def parse_args(argv):
     args = parser.parse_args(argv)
     if args.module and not args.tests:
         parser.error("name the module's test file(s) after the module")
-    for path in ([args.module] + args.tests) if args.module else []:
+    if args.module:
+        args.module = args.module.rstrip("/")
+        if not ((ROOT / args.module).is_file() or (ROOT / args.module / "__init__.py").is_file()):
+            parser.error(f"no module or package {args.module} in {ROOT}")
+    for path in args.tests:
         if not (ROOT / path).is_file():
             parser.error(f"no file {path} in {ROOT}")
     return args
@@ -101,7 +106,7 @@ def write_config(copy: Path, module: str, tests: list):
         config.add_section("mutmut")
     config["mutmut"]["source_paths"] = module
     config["mutmut"]["pytest_add_cli_args_test_selection"] = "\n" + "\n".join(tests)
-    config["mutmut"]["also_copy"] = "\n" + "\n".join(p for p in project_paths(copy) if p != module)
+    config["mutmut"]["also_copy"] = "\n" + "\n".join(p for p in project_paths(copy) if p.rstrip("/") != module)
     with open(copy / "setup.cfg", "w") as handle:
         config.write(handle)
 
@@ -118,19 +123,31 @@ def run_mutmut(copy: Path):
         raise MutationError(f"mutmut run failed in {copy} (exit {done.returncode}); the log ends:\n{tail}")
 
 
+def result_files(copy: Path, module: str) -> list:
+    """mutmut's results files (one per source file): the module's, or each of a package's files'."""
+    mutated = copy / "mutants" / module
+    return [Path(str(mutated) + ".meta")] if module.endswith(".py") else sorted(mutated.rglob("*.py.meta"))
+
+
 def statuses(copy: Path, module: str) -> dict:
-    """{mutant name: mutmut's status word} from the results file of the module."""
+    """{mutant name: (mutmut's status word, its source file relative to the copy)}."""
     from mutmut.stats import status_by_exit_code  # imported here: --help works without mutmut
-    meta = json.loads((copy / "mutants" / (module + ".meta")).read_text())
-    return {name: status_by_exit_code[code] for name, code in meta["exit_code_by_key"].items()}
+    found = {}
+    for meta_path in result_files(copy, module):
+        source = str(meta_path.relative_to(copy / "mutants")).removesuffix(".meta")
+        meta = json.loads(meta_path.read_text())
+        found.update({name: (status_by_exit_code[code], source) for name, code in meta["exit_code_by_key"].items()})
+    return found
 
 
-def diffs(copy: Path, module: str, names: list) -> dict:
-    if not names:
-        return {}
-    done = subprocess.run([sys.executable, "-c", DIFF_SCRIPT, module, *names], cwd=copy, env=CHILD_ENV,
-                          check=True, capture_output=True, text=True)
-    return json.loads(done.stdout)
+def diffs(copy: Path, names_by_source: dict) -> dict:
+    """{mutant name: its diff}, one mutmut call per source file."""
+    found = {}
+    for source, names in names_by_source.items():
+        done = subprocess.run([sys.executable, "-c", DIFF_SCRIPT, source, *names], cwd=copy, env=CHILD_ENV,
+                              check=True, capture_output=True, text=True)
+        found.update(json.loads(done.stdout))
+    return found
 
 
 # ---------------------------------------------------------------- the accepted survivors
@@ -184,9 +201,13 @@ def mutate(module: str, tests: list, accepted: dict, report_only: bool) -> dict:
         run_mutmut(copy)
         seconds = time.perf_counter() - start
         (copy / "seconds").write_text(f"{seconds:.1f}\n")
-    status = statuses(copy, module)
+    found = statuses(copy, module)
+    status = {name: word for name, (word, _) in found.items()}
     survivors = sorted((name for name, word in status.items() if word not in ("killed", "timeout")), key=mutant_order)
-    survivor_diffs = diffs(copy, module, survivors)
+    by_source = {}
+    for name in survivors:
+        by_source.setdefault(found[name][1], []).append(name)
+    survivor_diffs = diffs(copy, by_source)
     verdicts = {name: accepted.get((function_of(name), changed_lines(survivor_diffs[name]))) for name in survivors}
     return {"module": module, "tests": tests, "seconds": seconds, "status": status,
             "diffs": survivor_diffs, "verdicts": verdicts}

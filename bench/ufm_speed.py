@@ -17,7 +17,7 @@ it, in float32 as the feature capture stores them. For each size and loss it pri
 time of `fit` over a few calls in a row, the fitted against the planted gamma, the residual, and
 the number of distinct targets actually solved.
 
-ufm's functions run on one torch thread whatever the caller's setting (see ufm._with_autograd):
+ufm's functions run on one torch thread whatever the caller's setting (see ufm.problem._with_autograd):
 --threads sets the threads of everything else, e.g. the synthetic problems. On a machine shared with
 other busy processes every timing varies by a factor of 2 or more: quote best-of-N with the load
 average the header prints.

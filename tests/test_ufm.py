@@ -112,9 +112,9 @@ def test_logit_hessian_of_the_softmax_losses_matches_autograd(loss_name, options
     """Newton's curvature (which sets its speed, not its answer) against autograd's Hessian of the loss."""
     W, b = random_classifier(5, 7, seed=4)
     T = mixup_targets(5, lambdas=np.array([0.0, 0.4]))
-    problem = ufm._problem(W, b, T, loss_name, options)
+    problem = ufm.problem._problem(W, b, T, loss_name, options)
     z = torch.randn(problem.targets.shape[0], 5, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 3
-    diagonal, left, right = ufm._logit_curvature(problem, z, problem.smoothed)
+    diagonal, left, right = ufm.objective._logit_curvature(problem, z, problem.smoothed)
     ours = torch.diag_embed(diagonal) - left @ right.mT
     loss = build_loss(loss_name, **options)
     leaf = z.clone().requires_grad_()
@@ -607,7 +607,7 @@ def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of
     added, k = 0, 1, 2, ... the first that makes it so; a positive definite row is factored as it is.
     P by numpy from W, per row's gamma."""
     W = torch.tensor([[2.0, 0.0], [1.0, 1.0], [0.0, 3.0]], dtype=torch.float64)  # C = 3 > rank 2: Q != 0
-    problem = ufm._problem(W, None, torch.eye(3, dtype=torch.float64), "cross_entropy", {})
+    problem = ufm.problem._problem(W, None, torch.eye(3, dtype=torch.float64), "cross_entropy", {})
     gamma = torch.tensor([0.7, 0.2, 5.0], dtype=torch.float64)
     Wn = W.numpy()
     penalty = [torch.from_numpy(g * np.linalg.pinv(Wn @ Wn.T) + np.eye(3) - Wn @ np.linalg.pinv(Wn))
@@ -620,12 +620,12 @@ def test_newton_matrices_that_are_not_positive_definite_are_shifted_by_powers_of
                             torch.linalg.cholesky(small + 0.5 * penalty[2])])
     for row, shift in ((1, 10.0), (2, 0.0)):  # the case this test is about
         assert torch.linalg.cholesky_ex(matrix[row] + shift * penalty[row]).info > 0
-    torch.testing.assert_close(ufm._factor(matrix, problem, gamma), expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ufm.newton._factor(matrix, problem, gamma), expected, rtol=1e-12, atol=0)
     # the last shift tried is 1e30 times the penalty
-    torch.testing.assert_close(ufm._factor(-5e29 * penalty[0][None], problem, gamma[:1]),
+    torch.testing.assert_close(ufm.newton._factor(-5e29 * penalty[0][None], problem, gamma[:1]),
                                torch.linalg.cholesky(5e29 * penalty[0][None]), rtol=1e-12, atol=0)
     with pytest.raises(ufm.SolverError, match="^ufm: no positive definite Newton matrix even after a large shift$"):
-        ufm._factor(-1e40 * penalty[0][None], problem, gamma[:1])
+        ufm.newton._factor(-1e40 * penalty[0][None], problem, gamma[:1])
 
 
 def focal_with_three_stationary_points():
@@ -647,13 +647,13 @@ def focal_with_three_stationary_points():
 
     brackets = [(-12.0, -7.0), (-7.0, -4.0), (-3.0, -1.0)]
     roots = [brentq(slope, low, high, xtol=1e-15) for low, high in brackets]
-    return ufm._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots, slope
+    return ufm.problem._problem(W, b, T, "focal", {"focal_gamma": 5.0}), gamma, roots, slope
 
 
 def newton_from(problem, gamma, margin):
-    """ufm._newton on the one target from h = margin + 60 (coordinates x = h V^T, V = +-1): the margin it ends at."""
+    """ufm.newton._newton on the one target from h = margin + 60 (coordinates x = h V^T, V = +-1): the margin it ends at."""
     start = (problem.V.T * (margin + 60.0)).reshape(1, -1)
-    x, _ = ufm._newton(problem, torch.tensor([gamma], dtype=torch.float64), problem.targets, problem.smoothed, start)
+    x, _ = ufm.newton._newton(problem, torch.tensor([gamma], dtype=torch.float64), problem.targets, problem.smoothed, start)
     return float((x @ problem.V)[0, 0]) - 60.0
 
 
@@ -682,16 +682,16 @@ def test_newton_reusing_factors_shifts_a_refreshed_row_of_negative_curvature(mon
     refresh. Row 0 starts 5e-4 from the right minimum (settled after a step), row 1 at m = -0.25,
     whose second step starts at negative curvature; both end at the right minimum."""
     problem, gamma, (_, _, right), _ = focal_with_three_stationary_points()
-    monkeypatch.setattr(ufm, "REUSE_MIN_CLASSES", 2)
+    monkeypatch.setattr(ufm.newton, "REUSE_MIN_CLASSES", 2)
     shifted_alone = []
-    factor = ufm._factor
+    factor = ufm.newton._factor
 
     def recording(matrix, *args):
         shifted_alone.append(len(matrix) == 1 and bool((torch.linalg.cholesky_ex(matrix).info > 0).any()))
         return factor(matrix, *args)
-    monkeypatch.setattr(ufm, "_factor", recording)
+    monkeypatch.setattr(ufm.newton, "_factor", recording)
     starts = torch.tensor([[right + 5e-4 + 60.0], [-0.25 + 60.0]], dtype=torch.float64) * problem.V.T[0]
-    x, _ = ufm._newton(problem, torch.full((2,), gamma, dtype=torch.float64), problem.targets.repeat(2, 1),
+    x, _ = ufm.newton._newton(problem, torch.full((2,), gamma, dtype=torch.float64), problem.targets.repeat(2, 1),
                        problem.smoothed.repeat(2, 1), starts)
     assert any(shifted_alone)  # the case this test is about
     np.testing.assert_allclose((x @ problem.V).flatten() - 60.0, [right, right], rtol=0, atol=1e-9)
@@ -706,14 +706,14 @@ def test_newton_stopped_at_a_saddle_of_the_focal_objective_raises():
 
 
 @pytest.mark.parametrize("limits, solver, loss_name, message", [
-    ({"MAX_ITERATIONS": 1}, ufm.optimal_features, "cross_entropy",
+    ({"newton.MAX_ITERATIONS": 1}, ufm.optimal_features, "cross_entropy",
      r"ufm: cross_entropy optimum not converged in 1 Newton steps \(gamma = 0\.3 to 0\.3, 15 targets left\)"),
     # mae: the primal-dual steps hand the rows they do not certify on (MAX_PIECE_STEPS); the
     # one-change-per-step method that takes them over raises when out of steps
-    ({"MAX_PIECE_STEPS": 0, "MAX_ACTIVE_SET_STEPS": 1}, ufm.optimal_features, "mae",
+    ({"mae.MAX_PIECE_STEPS": 0, "mae.MAX_ACTIVE_SET_STEPS": 1}, ufm.optimal_features, "mae",
      r"ufm: mae optimum not found in 1 active-set steps \(gamma = 0\.3 to 0\.3, \d+ targets left\)"),
     # from h = 0 (the cold starts' best candidates pass Armijo's test at once here)
-    ({"MAX_BACKTRACKS": 0}, ufm.newton_features, "cross_entropy",
+    ({"newton.MAX_BACKTRACKS": 0}, ufm.newton_features, "cross_entropy",
      r"ufm: the line search found no decrease \(the Newton direction is not a descent direction\)"),
 ])
 def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monkeypatch, limits, solver, loss_name,
@@ -721,7 +721,7 @@ def test_a_solver_out_of_steps_raises_instead_of_returning_an_approximation(monk
     W, b = random_classifier(5, 7, seed=43)
     T = mixup_targets(5)  # 15 distinct targets
     for name, value in limits.items():
-        monkeypatch.setattr(ufm, name, value)
+        monkeypatch.setattr("ufm." + name, value)
     with pytest.raises(ufm.SolverError, match="^" + message + "$"):
         solver(W, 3 * b, T, loss_name, 0.3)
 
@@ -900,10 +900,10 @@ def test_fit_flags_a_gamma_within_two_tolerances_of_an_end(offset, at_bound):
     W, b = random_classifier(4, 10, seed=58, bias=0.2)
     T = mixup_targets(4)
     low = 1e-2
-    gamma = low * spectral_sq(W) * math.exp(offset * ufm.LOG_GAMMA_XATOL)
+    gamma = low * spectral_sq(W) * math.exp(offset * ufm.search.LOG_GAMMA_XATOL)
     H, _, _ = planted("cross_entropy", W, b, T, gamma, 2.0, 0.3, seed=59)
     metrics, _ = ufm.fit(H, T, W, b, "cross_entropy", gamma_range=(low, 1.0))
-    assert metrics["gamma"] == pytest.approx(gamma, rel=0.1 * ufm.LOG_GAMMA_XATOL)
+    assert metrics["gamma"] == pytest.approx(gamma, rel=0.1 * ufm.search.LOG_GAMMA_XATOL)
     assert metrics["gamma_at_bound"] is at_bound
 
 
@@ -928,7 +928,7 @@ def test_newton_optimum_meets_the_stationarity_rule_over_the_whole_gamma_range(l
         z = (H @ W.T + b).requires_grad_()
         grad_z, = torch.autograd.grad(loss(z, T) * len(T), z)
         gradient = grad_z @ W + gamma * H
-        floor = ufm.FLOOR_ULPS * torch.finfo(torch.float64).eps * s_max * (
+        floor = ufm.newton.FLOOR_ULPS * torch.finfo(torch.float64).eps * s_max * (
             grad_z.abs().sum(dim=1) + kappa * smoothed.abs().sum(dim=1))
-        bound = torch.maximum(ufm.STATIONARITY_RTOL * gamma * H.norm(dim=1), floor)
+        bound = torch.maximum(ufm.newton.STATIONARITY_RTOL * gamma * H.norm(dim=1), floor)
         assert (gradient.norm(dim=1) <= 2 * bound).all(), relative_gamma

@@ -11,7 +11,7 @@ import torch
 from scipy.optimize import minimize_scalar
 
 import ufm
-from losses import build_loss
+from losses import LOSSES, build_loss
 import test_ufm
 from test_ufm import relative, spectral_sq
 
@@ -19,7 +19,7 @@ ALL_LOSSES = ["cross_entropy", "focal", "smooth_l1", "mse", "mae"]
 NEWTON_CASES = [("cross_entropy", {}), ("cross_entropy", {"label_smoothing": 0.1}), ("focal", {"focal_gamma": 2.0}),
                 ("focal", {"focal_gamma": 0.5, "label_smoothing": 0.05}), ("smooth_l1", {"mse_scale": 2.0})]
 # solutions meet |grad| <= 1e-10 gamma |x|: two of them differ by at most twice that, relative
-SOLVE_RTOL = 2 * ufm.STATIONARITY_RTOL
+SOLVE_RTOL = 2 * ufm.newton.STATIONARITY_RTOL
 
 
 def random_classifier(C, d, seed, bias=0.3):  # test_ufm's, with smaller biases
@@ -50,9 +50,9 @@ def gammas(problem, values):
 def test_a_batch_of_gammas_solves_each_as_alone(loss_name, shape):
     W, b = random_classifier(*shape, seed=1)
     T = mixup_targets(shape[0])
-    problem = ufm._problem(W, b, T, loss_name, {})
+    problem = ufm.problem._problem(W, b, T, loss_name, {})
     values = gammas(problem, [1e-4, 3e-2, 1.0, 30.0])
-    batch = ufm._solve(problem, values).x
+    batch = ufm.optimum._solve(problem, values).x
     for k in range(len(values)):
         alone = ufm.optimal_features(W, b, T, loss_name, float(values[k]))
         np.testing.assert_allclose(problem.features(batch[k]), alone, rtol=0,
@@ -66,7 +66,7 @@ def test_the_grid_one_gamma_after_another_gives_the_same_fit(monkeypatch, loss_n
     T = mixup_targets(5, repeats=2)
     H = planted_features(loss_name, W, b, T, 0.02, seed=3)
     batched, _ = ufm.fit(H, T, W, b, loss_name)
-    monkeypatch.setattr(ufm, "BATCH_ELEMENTS", 0)
+    monkeypatch.setattr(ufm.search, "BATCH_ELEMENTS", 0)
     sequential, _ = ufm.fit(H, T, W, b, loss_name)
     assert sequential["gamma"] == pytest.approx(batched["gamma"], rel=1e-6)
     for key in ("residual", "residual_gamma_spread", "scale"):
@@ -77,7 +77,7 @@ def test_the_grid_one_gamma_after_another_gives_the_same_fit(monkeypatch, loss_n
 def test_reused_factorisations_reach_the_stationary_point(monkeypatch, loss_name, options):
     """C >= REUSE_MIN_CLASSES: rows in Newton's quadratic phase reuse their last factor. The optimum
     is the one without reuse, and stationary in the full feature space (autograd through losses)."""
-    C, d = ufm.REUSE_MIN_CLASSES + 8, ufm.REUSE_MIN_CLASSES + 16
+    C, d = ufm.newton.REUSE_MIN_CLASSES + 8, ufm.newton.REUSE_MIN_CLASSES + 16
     W, b = random_classifier(C, d, seed=19)
     T = mixup_targets(C, lambdas=np.array([0.0, 0.3, 0.8]))
     loss = build_loss(loss_name, **options)
@@ -88,7 +88,7 @@ def test_reused_factorisations_reach_the_stationary_point(monkeypatch, loss_name
         gradient, = torch.autograd.grad(loss(leaf @ W.T + b, T) * len(T) + 0.5 * gamma * leaf.square().sum(), leaf)
         assert float(gradient.norm(dim=1).max()) <= 1e-8 * gamma * float(reused.norm(dim=1).max())
         with monkeypatch.context() as patch:
-            patch.setattr(ufm, "REUSE_MIN_CLASSES", C + 1)
+            patch.setattr(ufm.newton, "REUSE_MIN_CLASSES", C + 1)
             fresh = ufm.optimal_features(W, b, T, loss_name, gamma, **options)
         np.testing.assert_allclose(reused, fresh, rtol=0, atol=SOLVE_RTOL * float(fresh.abs().max()))
 
@@ -98,11 +98,11 @@ def test_reused_factorisations_reach_the_stationary_point(monkeypatch, loss_name
 @pytest.mark.parametrize("loss_name, options", NEWTON_CASES + [("mse", {"mse_scale": 1.5})])
 def test_tangent_is_the_derivative_of_the_optimum_in_log_gamma(loss_name, options):
     W, b = random_classifier(5, 7, seed=4)
-    problem = ufm._problem(W, b, mixup_targets(5), loss_name, options)
+    problem = ufm.problem._problem(W, b, mixup_targets(5), loss_name, options)
     gamma, step = float(gammas(problem, [0.05])[0]), 1e-4
-    tangent = ufm._solve(problem, float64([gamma]), tangents=True).tangent[0]
-    plus = ufm._solve(problem, float64([gamma * math.exp(step)])).x[0]
-    minus = ufm._solve(problem, float64([gamma * math.exp(-step)])).x[0]
+    tangent = ufm.optimum._solve(problem, float64([gamma]), tangents=True).tangent[0]
+    plus = ufm.optimum._solve(problem, float64([gamma * math.exp(step)])).x[0]
+    minus = ufm.optimum._solve(problem, float64([gamma * math.exp(-step)])).x[0]
     central = (plus - minus) / (2 * step)  # error ~ step^2 |x'''| and 1e-10 |x| / step
     assert relative(tangent, central) < 1e-5
 
@@ -114,8 +114,8 @@ def test_mae_tangent_is_that_of_the_clipped_target():
     Q = torch.linalg.qr(torch.randn(d, C, generator=torch.Generator().manual_seed(5), dtype=torch.float64))[0].T
     T = mixup_targets(C)
     gamma = sigma ** 2 / 0.8
-    problem = ufm._problem(sigma * Q, None, T, "mae", {"mse_scale": kappa})
-    solved = ufm._solve(problem, float64([gamma]), tangents=True)
+    problem = ufm.problem._problem(sigma * Q, None, T, "mae", {"mse_scale": kappa})
+    solved = ufm.optimum._solve(problem, float64([gamma]), tangents=True)
     a = kappa * problem.targets.numpy()
     clip = sigma ** 2 / gamma
     expected = np.where(np.abs(a) > clip, -clip * np.sign(a), 0.0) @ Q.numpy() / sigma
@@ -145,10 +145,10 @@ def test_points_hold_the_scale_residual_and_slope_of_the_direct_computation(loss
     W, b = random_classifier(5, 9, seed=6)
     T = mixup_targets(5, repeats=3)
     H = planted_features(loss_name, W, b, T, 0.05, seed=7)
-    problem = ufm._problem(W, b, T, loss_name, {})
-    data = ufm._data(problem, H.clone())
+    problem = ufm.problem._problem(W, b, T, loss_name, {})
+    data = ufm.search._data(problem, H.clone())
     gamma, step = 0.1 * spectral_sq(W), 1e-4
-    point, = ufm._points(data, ufm._solve(problem, float64([gamma]), tangents=True))
+    point, = ufm.search._points(data, ufm.optimum._solve(problem, float64([gamma]), tangents=True))
     scale, residual = direct_residual(W, b, T, H, loss_name, gamma)
     assert point.scale == pytest.approx(scale, rel=1e-10)
     assert point.residual == pytest.approx(residual, rel=1e-10)
@@ -175,7 +175,7 @@ def test_fitted_gamma_minimises_the_residual_to_the_documented_tolerance(loss_na
     fitted = math.log(metrics["gamma"])
     reference = minimize_scalar(lambda lg: direct_residual(W, b, T, H, loss_name, math.exp(lg), **options)[1],
                                 bounds=(fitted - 1.0, fitted + 1.0), method="bounded", options={"xatol": 1e-7}).x
-    assert abs(fitted - reference) <= ufm.LOG_GAMMA_XATOL
+    assert abs(fitted - reference) <= ufm.search.LOG_GAMMA_XATOL
     best = direct_residual(W, b, T, H, loss_name, math.exp(reference), **options)[1]
     Y = H.numpy() @ row_space_projector(W)
     # mae's residual has kinks in log gamma (pieces change): there gamma's error enters to first order
@@ -187,10 +187,10 @@ def test_fitted_gamma_minimises_the_residual_to_the_documented_tolerance(loss_na
 def test_cubic_step_lands_on_the_minimum_of_a_cubic():
     """Residuals and slopes of f(t) = (t - 0.3)^2 (1 + t) at 0 and at width 2: its minimum 0.3 is the step."""
     def point(t):
-        return ufm._Point(None, None, 1.0, (t - 0.3) ** 2 * (1 + t), 2 * (t - 0.3) * (1 + t) + (t - 0.3) ** 2)
-    assert ufm._cubic_step(point(0.0), point(2.0), 2.0) == pytest.approx(0.3, rel=1e-12)
+        return ufm.search._Point(None, None, 1.0, (t - 0.3) ** 2 * (1 + t), 2 * (t - 0.3) * (1 + t) + (t - 0.3) ** 2)
+    assert ufm.search._cubic_step(point(0.0), point(2.0), 2.0) == pytest.approx(0.3, rel=1e-12)
     # from the other side, the minimum is farther than halfway to the end: the step stops halfway
-    assert ufm._cubic_step(point(2.0), point(0.0), -2.0) == pytest.approx(-1.0, rel=1e-12)
+    assert ufm.search._cubic_step(point(2.0), point(0.0), -2.0) == pytest.approx(-1.0, rel=1e-12)
 
 
 @pytest.mark.parametrize("f, slope, expected", [
@@ -211,11 +211,11 @@ def test_cubic_step_to_the_minimum_inside_or_halfway(f, slope, expected, width):
     """The step (in t = offset / width, the residual falling from t = 0) to the minimum of the cubic
     through f and f' at 0 and 1, at most halfway: worked out by hand for each f."""
     def point(t):  # slopes in log gamma: df/dt / width
-        return ufm._Point(None, None, 1.0, f(t), slope(t) / width)
-    assert ufm._cubic_step(point(0.0), point(1.0), width) == pytest.approx(expected * width, rel=1e-12)
+        return ufm.search._Point(None, None, 1.0, f(t), slope(t) / width)
+    assert ufm.search._cubic_step(point(0.0), point(1.0), width) == pytest.approx(expected * width, rel=1e-12)
 
 
-class CurveSolutions(ufm._Solutions):
+class CurveSolutions(ufm.search._Solutions):
     """ufm's _Solutions over a residual curve given as a function of log gamma (value, slope): the
     refinement's logic alone, against minima known in closed form."""
 
@@ -225,7 +225,7 @@ class CurveSolutions(ufm._Solutions):
     def add(self, values):
         for value in values:
             residual, slope = self.curve(value)
-            self.points[float(value)] = ufm._Point(None, None, 1.0, residual, slope)
+            self.points[float(value)] = ufm.search._Point(None, None, 1.0, residual, slope)
 
     def solve_between(self, values, near, far, tangents=True):
         self.add(values)
@@ -234,7 +234,7 @@ class CurveSolutions(ufm._Solutions):
 def refined(curve, grid, inside=1.0):
     solutions = CurveSolutions(curve, inside)
     solutions.add(grid)
-    return ufm._refine(solutions, grid)
+    return ufm.search._refine(solutions, grid)
 
 
 def test_refinement_finds_the_minimum_whatever_the_grid_and_the_size_of_the_residual():
@@ -243,7 +243,7 @@ def test_refinement_finds_the_minimum_whatever_the_grid_and_the_size_of_the_resi
     6.7e-13, is above the flatness threshold 64 eps |P H|^2 = 2.8e-13 (the first level finds 2/3)."""
     for minimum, scale, inside in ((0.9, 1.0, 1.0), (2 / 3, 5e-13, 20.0)):
         best = refined(lambda t: (scale * (t - minimum) ** 2, 2 * scale * (t - minimum)), [-1.0, 1.0], inside)
-        assert best == pytest.approx(minimum, abs=ufm.LOG_GAMMA_XATOL)
+        assert best == pytest.approx(minimum, abs=ufm.search.LOG_GAMMA_XATOL)
 
 
 def test_refinement_breaks_ties_towards_the_largest_gamma():
@@ -260,7 +260,7 @@ def test_refinement_breaks_ties_towards_the_largest_gamma():
 def shape_solutions(x_by_gamma, counts):
     solutions = CurveSolutions(None)
     solutions.data.counts = torch.tensor(counts, dtype=torch.float64)
-    solutions.points = {float(k): ufm._Point(torch.tensor(x, dtype=torch.float64), None, 1.0, 0.0, 0.0)
+    solutions.points = {float(k): ufm.search._Point(torch.tensor(x, dtype=torch.float64), None, 1.0, 0.0, 0.0)
                         for k, x in enumerate(x_by_gamma)}
     return solutions, [float(k) for k in range(len(x_by_gamma))]
 
@@ -282,8 +282,8 @@ def shape_change(x_by_gamma, counts):
 ])
 def test_shape_varies_over_the_rows_between_any_grid_gamma_and_the_first(x_by_gamma, counts, varies):
     solutions, grid = shape_solutions(x_by_gamma, counts)
-    assert bool(shape_change(x_by_gamma, counts) > ufm.SHAPE_RTOL) is varies  # the formula, by numpy
-    assert ufm._shape_varies(solutions, grid) is varies
+    assert bool(shape_change(x_by_gamma, counts) > ufm.search.SHAPE_RTOL) is varies  # the formula, by numpy
+    assert ufm.search._shape_varies(solutions, grid) is varies
 
 
 def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
@@ -293,8 +293,8 @@ def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
     T = mixup_targets(5)
     H = 3.0 * ufm.optimal_features(W, b, T, "mae", 1e-8 * spectral_sq(W))
     solves = []
-    original = ufm._Solutions.solve_between
-    monkeypatch.setattr(ufm._Solutions, "solve_between",
+    original = ufm.search._Solutions.solve_between
+    monkeypatch.setattr(ufm.search._Solutions, "solve_between",
                         lambda self, *args: solves.append(args) or original(self, *args))
     metrics, _ = ufm.fit(H, T, W, b, "mae")
     assert metrics["residual"] < 1e-10 and solves == []
@@ -306,17 +306,33 @@ def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
                          NEWTON_CASES + [("mse", {"mse_scale": 2.0}), ("mae", {"mse_scale": 0.5})])
 def test_row_losses_are_build_loss_of_each_row(loss_name, options):
     W, b = random_classifier(5, 7, seed=11)
-    problem = ufm._problem(W, b, mixup_targets(5), loss_name, options)
+    problem = ufm.problem._problem(W, b, mixup_targets(5), loss_name, options)
     z = 3 * torch.randn(problem.targets.shape[0], 5, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     loss = build_loss(loss_name, **options)
     expected = torch.stack([loss(z[i:i + 1], problem.targets[i:i + 1]) for i in range(len(z))])
-    torch.testing.assert_close(ufm._row_losses(problem, z, problem.smoothed), expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(ufm.objective._row_losses(problem, z, problem.smoothed), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_every_loss_has_a_written_row_loss_and_a_new_one_is_refused_by_name():
+    """The line search's per-row losses are written out per loss: each of losses.LOSSES has its own
+    form (not another loss's: the values differ), and a loss added to losses.py without one is named."""
+    W, b = random_classifier(4, 6, seed=14)
+    problem = ufm.problem._problem(W, b, mixup_targets(4), "mse", {})
+    z = torch.randn(problem.targets.shape[0], 4, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    values = set()
+    for name in LOSSES:
+        problem.loss_name = name
+        values.add(float(ufm.objective._row_losses(problem, z, problem.smoothed).sum()))
+    assert len(values) == len(LOSSES)
+    problem.loss_name = "hinge"
+    with pytest.raises(ValueError, match=r"^ufm: no per-row form of the loss 'hinge' in ufm/objective.py \(losses.py has one\)$"):
+        ufm.objective._row_losses(problem, z, problem.smoothed)
 
 
 def test_row_losses_that_disagree_with_build_loss_stop_the_solver(monkeypatch):
     W, b = random_classifier(4, 6, seed=13)
-    original = ufm._row_losses
-    monkeypatch.setattr(ufm, "_row_losses", lambda problem, z, t: original(problem, z, t) + 1e-6)
+    original = ufm.objective._row_losses
+    monkeypatch.setattr(ufm.newton, "_row_losses", lambda problem, z, t: original(problem, z, t) + 1e-6)
     with pytest.raises(ufm.SolverError, match="disagrees with losses.build_loss"):
         ufm.optimal_features(W, b, mixup_targets(4), "cross_entropy", 0.1)
 
@@ -343,7 +359,7 @@ def test_focal_class_term_derivatives_match_autograd_through_losses(focal_gamma)
         pass
     problem = Problem()
     problem.focal_gamma = focal_gamma
-    first, second = ufm._class_term_derivatives(problem, q)
+    first, second = ufm.objective._class_term_derivatives(problem, q)
     # the reference loses digits to cancellation in log(1 - e^q) near q = 0: absolute, on the O(1) scale
     torch.testing.assert_close(first, expected_first, rtol=1e-8, atol=1e-9)
     torch.testing.assert_close(second, expected_second, rtol=1e-6, atol=1e-9 * max(1.0, float(expected_second.abs().max())))
@@ -351,12 +367,12 @@ def test_focal_class_term_derivatives_match_autograd_through_losses(focal_gamma)
 
 def test_lowest_start_is_the_candidate_of_least_objective_per_row():
     W, b = random_classifier(5, 7, seed=14)
-    problem = ufm._problem(W, b, mixup_targets(5), "cross_entropy", {})
+    problem = ufm.problem._problem(W, b, mixup_targets(5), "cross_entropy", {})
     m, r = problem.targets.shape[0], problem.S.shape[0]
     gamma = torch.full((m,), 0.3, dtype=torch.float64)
     g = torch.Generator().manual_seed(15)
     candidates = [torch.randn(m, r, generator=g, dtype=torch.float64) for _ in range(3)]
-    chosen = ufm._lowest(problem, gamma, problem.smoothed, candidates)
+    chosen = ufm.newton._lowest(problem, gamma, problem.smoothed, candidates)
     loss = build_loss("cross_entropy")
     for i in range(m):
         values = [float(loss(problem.logits(c[i:i + 1]), problem.targets[i:i + 1])) + 0.15 * float(c[i].square().sum())
@@ -372,7 +388,7 @@ def test_mae_primal_dual_steps_give_the_active_set_optimum(monkeypatch, shape, r
     T = mixup_targets(shape[0], lambdas=np.linspace(0.0, 1.0, 7))
     gamma = relative_gamma * spectral_sq(W)
     both = ufm.optimal_features(W, b, T, "mae", gamma, mse_scale=2.0)
-    monkeypatch.setattr(ufm, "MAX_PIECE_STEPS", 0)  # the one-change-per-step method alone
+    monkeypatch.setattr(ufm.mae, "MAX_PIECE_STEPS", 0)  # the one-change-per-step method alone
     alone = ufm.optimal_features(W, b, T, "mae", gamma, mse_scale=2.0)
     np.testing.assert_allclose(both, alone, rtol=0, atol=1e-10 * float(alone.abs().max()))
 
@@ -382,18 +398,18 @@ def test_mae_primal_dual_steps_certify_rows_and_hand_the_rest_on(monkeypatch):
     to the optimum), and with a single step allowed the rest still reaches the same optimum."""
     W, b = random_classifier(6, 9, seed=17)
     T = mixup_targets(6, lambdas=np.linspace(0.0, 1.0, 7))
-    problem = ufm._problem(W, b, T, "mae", {"mse_scale": 2.0})
+    problem = ufm.problem._problem(W, b, T, "mae", {"mse_scale": 2.0})
     gamma = torch.full((problem.targets.shape[0],), 0.05 * spectral_sq(W), dtype=torch.float64)
     A = problem.US
     beta = problem.b - problem.kappa * problem.smoothed
     scale = beta.abs().amax(dim=1, keepdim=True).clamp(min=1.0)
     start = torch.zeros(len(gamma), A.shape[1], dtype=torch.float64)
-    x, uncertified = ufm._mae_pieces(A, A @ A.T, beta, gamma, scale, start)
-    optimum = ufm._solve(problem, gamma[:1]).x[0]
+    x, uncertified = ufm.mae._mae_pieces(A, A @ A.T, beta, gamma, scale, start)
+    optimum = ufm.optimum._solve(problem, gamma[:1]).x[0]
     assert int((~uncertified).sum()) > 0
     torch.testing.assert_close(x[~uncertified], optimum[~uncertified], rtol=0, atol=1e-10)
-    monkeypatch.setattr(ufm, "MAX_PIECE_STEPS", 1)
-    torch.testing.assert_close(ufm._solve(problem, gamma[:1]).x[0], optimum, rtol=0, atol=1e-10)
+    monkeypatch.setattr(ufm.mae, "MAX_PIECE_STEPS", 1)
+    torch.testing.assert_close(ufm.optimum._solve(problem, gamma[:1]).x[0], optimum, rtol=0, atol=1e-10)
 
 
 # ---------------------------------------------------------------- helpers
@@ -405,40 +421,40 @@ def test_unique_rows_groups_exactly_even_where_keys_collide():
     T = torch.tensor(np.concatenate([colliding, colliding[::-1], np.eye(4)[[2, 2, 3]]]))
     assert float(T[0] @ torch.tensor(weights)) == float(T[1] @ torch.tensor(weights))
     for rows in (T, T[2:]):  # with and without the collision
-        targets, inverse = ufm._unique_rows(rows)
+        targets, inverse = ufm.problem._unique_rows(rows)
         assert torch.equal(targets[inverse], rows)
         assert targets.shape == (len(torch.unique(rows, dim=0)), 4) and inverse.shape == (len(rows),)
 
 
 def test_no_rows_have_no_unique_rows():
-    targets, inverse = ufm._unique_rows(torch.zeros(0, 4, dtype=torch.float64))
+    targets, inverse = ufm.problem._unique_rows(torch.zeros(0, 4, dtype=torch.float64))
     assert targets.shape == (0, 4) and inverse.shape == (0,)
 
 
 @pytest.mark.parametrize("loss_name", ALL_LOSSES)
 def test_no_targets_are_solved_as_none(loss_name):
     W, b = random_classifier(4, 6, seed=23)
-    problem = ufm._problem(W, b, torch.zeros(0, 4, dtype=torch.float64), loss_name, {})
-    gammas = ufm._gammas([0.1, 1.0], problem)
-    asked = ufm._solve(problem, gammas, tangents=True)
+    problem = ufm.problem._problem(W, b, torch.zeros(0, 4, dtype=torch.float64), loss_name, {})
+    gammas = ufm.problem._gammas([0.1, 1.0], problem)
+    asked = ufm.optimum._solve(problem, gammas, tangents=True)
     assert asked.x.shape == asked.tangent.shape == (2, 0, problem.S.shape[0])
-    assert ufm._solve(problem, gammas).tangent is None  # tangents only where asked for, as for any targets
+    assert ufm.optimum._solve(problem, gammas).tangent is None  # tangents only where asked for, as for any targets
 
 
 def test_finite_checks_large_and_small_tensors():
     for size in (7, 3 * 2 ** 16):
         tensor = torch.zeros(size, dtype=torch.float64)
-        assert ufm._finite(tensor)
+        assert ufm.problem._finite(tensor)
         for bad in (math.nan, math.inf, -math.inf):
             tensor[size // 2] = bad
-            assert not ufm._finite(tensor)
+            assert not ufm.problem._finite(tensor)
             tensor[size // 2] = 0.0
 
 
 def test_fit_runs_on_one_thread_and_restores_the_count(monkeypatch):
     seen = []
-    original = ufm._search
-    monkeypatch.setattr(ufm, "_search", lambda *args: seen.append(torch.get_num_threads()) or original(*args))
+    original = ufm.search._search
+    monkeypatch.setattr(ufm.fitting, "_search", lambda *args: seen.append(torch.get_num_threads()) or original(*args))
     W, b = random_classifier(4, 6, seed=18)
     T = mixup_targets(4)
     before = torch.get_num_threads()
