@@ -15,7 +15,7 @@ coordinates in the basis of the three classifier rows. When the three rows
 already form an equiangular, equinorm simplex, P is (up to scale) the
 orthogonal projection onto their plane.
 
-`--theory` adds the optimum of the unconstrained-features model (ufm.py) on
+`--theory` adds the optimum of the unconstrained-features model (ufm/) on
 the same plane: the rows of P lie in the row space of W, so P annihilates
 what the projection onto that row space removes, and the theory's curves,
 which model P_W (H - mu_G), are mapped by P directly (they are centred
