@@ -184,6 +184,21 @@ def test_fitted_gamma_minimises_the_residual_to_the_documented_tolerance(loss_na
     assert best <= at_planted * (1 + 1e-6)
 
 
+def test_mae_refinement_reaches_the_minimum_of_its_kinked_residual():
+    """A case where cubic steps through the residuals and slopes (the smooth losses' refinement) stop at
+    a residual of 0.212 and 0.48 away in log gamma, on a kink: mae's bounded Brent on the residual's
+    values reaches scipy's minimum of the directly computed residual, 0.197."""
+    W, b = test_ufm.random_classifier(5, 12, seed=5)
+    T = test_ufm.mixup_targets(5, repeats=2)
+    H = planted_features("mae", W, b, T, 0.05, seed=105, mse_scale=2.0)
+    metrics, _ = ufm.fit(H, T, W, b, "mae", mse_scale=2.0)
+    fitted = math.log(metrics["gamma"])
+    reference = minimize_scalar(lambda lg: direct_residual(W, b, T, H, "mae", math.exp(lg), mse_scale=2.0)[1],
+                                bounds=(fitted - 1.0, fitted + 1.0), method="bounded", options={"xatol": 1e-7}).x
+    assert abs(fitted - reference) <= ufm.search.KINKED_XATOL
+    assert metrics["residual"] == pytest.approx(0.1974, abs=1e-4)
+
+
 def test_cubic_step_lands_on_the_minimum_of_a_cubic():
     """Residuals and slopes of f(t) = (t - 0.3)^2 (1 + t) at 0 and at width 2: its minimum 0.3 is the step."""
     def point(t):
@@ -298,6 +313,24 @@ def test_refinement_stops_where_the_residual_is_flat(monkeypatch):
                         lambda self, *args: solves.append(args) or original(self, *args))
     metrics, _ = ufm.fit(H, T, W, b, "mae")
     assert metrics["residual"] < 1e-10 and solves == []
+
+
+def test_refinement_stops_where_the_residual_is_flat_above_its_floor(monkeypatch):
+    """mae above the gamma at which no logit sits on its target: H* = -W^T sign(b - kappa t) / gamma,
+    one shape up to the top of the range. With within-target scatter added the residual is flat at
+    the scatter's floor, not at zero, and still no refinement solve is needed."""
+    W, b = random_classifier(5, 8, seed=10)
+    T = mixup_targets(5, repeats=2)
+    H = 3.0 * ufm.optimal_features(W, b, T, "mae", 1e3 * spectral_sq(W))
+    noise = torch.randn(H.shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    noise[1::2] = -noise[0::2]  # repeats=2: each target's two rows are adjacent, their noise sums to zero
+    noise = noise @ torch.linalg.pinv(W) @ W  # inside the row space, where the floor counts it
+    solves = []
+    original = ufm.search._Solutions.solve_between
+    monkeypatch.setattr(ufm.search._Solutions, "solve_between",
+                        lambda self, *args: solves.append(args) or original(self, *args))
+    metrics, _ = ufm.fit(H + 0.3 * noise * H.norm() / noise.norm(), T, W, b, "mae")
+    assert metrics["scatter_floor"] > 0.2 and metrics["shape_residual"] < 1e-10 and solves == []
 
 
 # ---------------------------------------------------------------- the pieces of the Newton solver

@@ -39,7 +39,8 @@ def test_an_exact_optimum_comes_back(kind, loss_name):
     W, b, T, gamma, H = planted_case(kind, loss_name)
     metrics, H_fit = ufm.fit(H, T, W, b, loss_name)
     if (kind, loss_name) in ZERO_OPTIMUM:
-        assert metrics["nan_reason"].startswith("the optimum is h = 0 for every target")
+        assert metrics["nan_reason"] == ("the optimum is h = 0 for every target at every gamma (e.g. mae with a "
+                                         "classifier whose rows sum to zero and no bias): no shape to fit")
         return
     assert metrics["nan_reason"] is None and metrics["residual"] < 1e-6
     assert metrics["scatter_floor"] < 1e-12 and metrics["shape_residual"] < 1e-6
@@ -50,6 +51,17 @@ def test_an_exact_optimum_comes_back(kind, loss_name):
     assert metrics["identifiable"] and not metrics["gamma_at_bound"]
     assert metrics["gamma"] == pytest.approx(gamma, rel=1e-2)
     assert metrics["scale"] == pytest.approx(PLANTED_SCALE, rel=1e-6)
+
+
+@pytest.mark.parametrize("units, mse_scale", [(1e-3, 1.0), (1e3, 1.0), (1.0, 1e4)])
+def test_a_zero_optimum_is_recognised_in_any_units_of_the_classifier(units, mse_scale):
+    """mae with a simplex ETF and no bias: h* = 0 for every target (up to the rounding of -W^T u / gamma,
+    which scales with W, and with the targets' scale where it exceeds 1), whatever the units of W and
+    the targets, whatever features are offered."""
+    W, b, T, _, _ = planted_case("etf", "mae")
+    H = torch.randn(T.shape[0], D, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    metrics, _ = ufm.fit(H @ row_space_basis(W).T @ row_space_basis(W), T, units * W, b, "mae", mse_scale=mse_scale)
+    assert metrics["nan_reason"].startswith("the optimum is h = 0 for every target at every gamma")
 
 
 def row_space_basis(W):
@@ -85,6 +97,37 @@ def test_within_target_noise_sets_the_floor_and_leaves_the_shape(kind, loss_name
     assert metrics["gamma"] == pytest.approx(gamma, rel=1e-2)
     identity = metrics["scatter_floor"] ** 2 + metrics["shape_residual"] ** 2 * (1 - metrics["scatter_floor"] ** 2)
     assert metrics["residual"] ** 2 == pytest.approx(identity, rel=1e-9)
+
+
+@pytest.mark.parametrize("loss_name", ["cross_entropy", "mae"])
+def test_the_fit_does_not_depend_on_the_features_units(loss_name):
+    """Features in units a thousand times smaller (|P H|^2 far below 1) or larger: the same gamma, and
+    the same residual, floor and shape residual, whose ratios have no units."""
+    W, b, T, gamma, H = planted_case("learned", loss_name)
+    moved = torch.randn(H.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    H = H + within_target_noise(H, T, 0.3, seed=6) + 0.1 * moved * H.norm() / moved.norm()  # the means move too
+    reference, _ = ufm.fit(H, T, W, b, loss_name)
+    assert reference["shape_residual"] > 1e-3  # not an exact optimum: every ratio has something to measure
+    for units in (1e-3, 1e3):
+        metrics, _ = ufm.fit(units * H, T, W, b, loss_name)
+        for key in ("residual", "scatter_floor", "shape_residual", "gamma"):
+            assert metrics[key] == pytest.approx(reference[key], rel=1e-9), (units, key)
+        assert metrics["scale"] == pytest.approx(units * reference["scale"], rel=1e-9)
+
+
+def test_features_whose_target_means_vanish_leave_no_shape_to_fit():
+    """Each target's rows scattered around zero: all of P H is within-target scatter, the floor is 1, the
+    best multiple of any optimum is s = 0 (residual 1), and the shape residual, a ratio to the means' size,
+    has nothing to measure: NaN, not a division by zero."""
+    W, b, T, _, H = planted_case("learned", "cross_entropy")  # repeats=3: a target's rows are adjacent
+    half = torch.randn(T.shape[0] // 3, D, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    half = half @ row_space_basis(W).T @ row_space_basis(W)
+    scatter = torch.stack([half, -half, torch.zeros_like(half)], dim=1).reshape(-1, D)  # +v, -v, 0: means exactly 0
+    metrics, H_fit = ufm.fit(scatter, T, W, b, "cross_entropy")
+    assert metrics["scatter_floor"] == pytest.approx(1.0, rel=1e-12)
+    assert metrics["residual"] == pytest.approx(1.0, rel=1e-12) and metrics["scale"] == 0.0
+    assert math.isnan(metrics["shape_residual"]) and metrics["nan_reason"] is None
+    assert not bool(H_fit.any())
 
 
 def test_an_offset_is_part_of_the_features_the_optimum_must_explain():

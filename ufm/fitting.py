@@ -144,7 +144,7 @@ def _optimum_is_zero(solutions: _Solutions) -> bool:
     gamma, a bound on |x| for the losses' gradients, whose size is at most that of the target."""
     problem = solutions.problem
     size = float(problem.S.norm()) * max(1.0, float((problem.kappa * problem.smoothed - problem.b).abs().max()))
-    return all(point.x.numel() == 0 or float(point.x.abs().amax()) <= ZERO_RTOL * size / math.exp(log_gamma)
+    return all(float(point.x.abs().amax()) <= ZERO_RTOL * size / math.exp(log_gamma)
                for log_gamma, point in solutions.points.items())
 
 
