@@ -228,6 +228,19 @@ def test_mae_solver_terminates_at_the_optimum_under_ulp_perturbations(classifier
                                          float(ulp_perturbed(gamma, generator)))
 
 
+@pytest.mark.parametrize("classifier, relative_gamma", DEGENERATE_CLASSIFIERS)
+@pytest.mark.parametrize("units", [1e-2, 1e4])
+def test_mae_active_set_alone_reaches_the_optimum_in_any_units(monkeypatch, classifier, relative_gamma, units):
+    """The one-change-per-step method without the primal-dual steps, which certify most rows before it
+    runs: from h = 0 it meets every kind of piece, degenerate ones included. Its blocking and
+    degeneracy thresholds are relative to W, the step and gamma, so that W, b and the targets in units
+    of 1e-4 or 1e4 (gamma with them) reach the optimum, certified by the subgradient condition."""
+    monkeypatch.setattr(ufm.mae, "MAX_PIECE_STEPS", 0)
+    W, b = classifier()
+    T = mixup_targets(W.shape[0], lambdas=np.array([0.0, 0.35]))
+    assert_mae_subgradient_condition(units * W, units * b, T, relative_gamma * spectral_sq(units * W), kappa=2.0 * units)
+
+
 # ---------------------------------------------------------------- the facts of issue 13
 
 @pytest.mark.parametrize("loss_name", ALL_LOSSES)
