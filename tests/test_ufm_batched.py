@@ -199,6 +199,18 @@ def test_mae_refinement_reaches_the_minimum_of_its_kinked_residual():
     assert metrics["residual"] == pytest.approx(0.1974, abs=1e-4)
 
 
+@pytest.mark.parametrize("planted", [0.06, 4.5])  # nearest grid point: the range's first, the range's last
+def test_mae_refinement_at_an_end_of_the_range_searches_towards_its_one_neighbour(planted):
+    """A narrow gamma_range (0.05 to 5 s_max^2: grid points at 0.05, 0.16, 0.5, 1.6 and 5): an exact
+    optimum planted next to an end is found between that end and its neighbour."""
+    W, b = test_ufm.random_classifier(5, 12, seed=5)
+    T = test_ufm.mixup_targets(5, repeats=2)
+    gamma = planted * spectral_sq(W)
+    H = 2.5 * ufm.optimal_features(W, b, T, "mae", gamma, mse_scale=2.0)
+    metrics, _ = ufm.fit(H, T, W, b, "mae", gamma_range=(0.05, 5.0), mse_scale=2.0)
+    assert metrics["residual"] < 1e-6 and metrics["gamma"] == pytest.approx(gamma, rel=1e-4)
+
+
 def test_cubic_step_lands_on_the_minimum_of_a_cubic():
     """Residuals and slopes of f(t) = (t - 0.3)^2 (1 + t) at 0 and at width 2: its minimum 0.3 is the step."""
     def point(t):
