@@ -93,10 +93,12 @@ def copy_tree(destination: Path):
 
 
 def project_paths(copy: Path) -> list:
-    """What the tests may import: every top-level module and package, and pytest's configuration."""
+    """What the tests may import or load: every top-level module, every folder of Python files
+    (packages, and scripts/ and bench/, whose scripts some tests load by path), pytest's configuration."""
     modules = [p.name for p in sorted(copy.glob("*.py"))]
-    packages = [p.name + "/" for p in sorted(copy.iterdir()) if (p / "__init__.py").is_file()]
-    return modules + packages + ["pytest.ini"]
+    folders = [p.name + "/" for p in sorted(copy.iterdir())
+               if p.is_dir() and p.name != "tests" and any(p.glob("*.py"))]
+    return modules + folders + ["pytest.ini"]
 
 
 def write_config(copy: Path, module: str, tests: list):
