@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants"
 ACCEPTED = ROOT / "bench" / "mutation_accepted.txt"
 DEFAULT_PAIRS = (
-    ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py"]),
+    ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py", "tests/test_ufm_planted.py"]),
     ("ufm", ["tests/test_ufm.py", "tests/test_ufm_batched.py", "tests/test_ufm_planted.py"]),
     ("losses.py", ["tests/test_losses_mixup.py"]),
     ("mixup.py", ["tests/test_losses_mixup.py"]),
