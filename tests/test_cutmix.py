@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -85,6 +86,86 @@ def test_per_sample_switch_mixes_the_others_by_interpolation():
     assert targets[0, 0] == weight[0] or partner[0] == 0
 
 
+def expected_side(fraction, lam, size):
+    """[low, high) of a side of length size * sqrt(1 - lam) centred at fraction * size: ends rounded, clipped."""
+    centre, half = fraction * size, size * math.sqrt(1 - lam) / 2
+    return min(max(math.floor(centre - half + 0.5), 0), size), min(max(math.floor(centre + half + 0.5), 0), size)
+
+
+def test_boxes_on_a_wide_image_match_their_rows_and_columns():
+    height, width = 8, 16  # lambdas with exact square roots and centres on whole pixels: no float rounding
+    cases = [(lam, r / 8, c / 8) for lam in (1.0, 0.9375, 0.75, 0.4375, 0.0) for r in range(8) for c in range(8)]
+    lam = torch.tensor([case[0] for case in cases])
+    centre = torch.tensor([case[1:] for case in cases])
+    mask, weight = mixup.box_masks(lam, centre, height, width)
+    assert mask.shape == (len(cases), 1, height, width) and mask.dtype == torch.bool
+    for i, (l, r, c) in enumerate(cases):
+        top, bottom = expected_side(r, l, height)
+        left, right = expected_side(c, l, width)
+        expected = np.zeros((height, width), dtype=bool)
+        expected[top:bottom, left:right] = True
+        assert np.array_equal(mask[i, 0].numpy(), expected), (l, r, c)
+        assert weight[i].item() == 1 - (bottom - top) * (right - left) / (height * width)
+    x = torch.arange(len(cases), dtype=torch.float32)[:, None, None, None].expand(-1, 2, height, width).contiguous()
+    mixed, _ = mixup.cutmix_batch(x, torch.zeros(len(cases), dtype=torch.long), lam, centre, None,
+                                  torch.Generator().manual_seed(0), 2)
+    partner = mixup.pair_permutation(len(cases), torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(mixed, torch.where(mask, x[partner], x))
+
+
+def test_a_box_side_centred_outside_the_image_clips_to_nothing_at_its_border():
+    size, lam = 8, torch.tensor([0.75, 0.75, 0.9375, 0.0])  # sides of 4, 4, 2 and 8 pixels
+    centre = torch.tensor([-5.0, 13.0, 9.5, -4.5])
+    low, high = mixup.box_sides(lam, centre, size)
+    expected = [expected_side(c / size, l, size) for l, c in zip(lam.tolist(), centre.tolist())]
+    assert list(zip(low.tolist(), high.tolist())) == expected
+    assert all(a == b for a, b in expected)  # empty: nothing to paste, not a negative area
+
+
+def test_boxes_mask_takes_whole_pixels_of_each_side():
+    boxes = torch.tensor([[1, 3, 0, 5], [0, 0, 2, 4], [2, 5, 4, 6]])
+    mask = mixup.boxes_mask(boxes, 5, 6)[:, 0].numpy()
+    for i, (top, bottom, left, right) in enumerate(boxes.tolist()):
+        expected = np.zeros((5, 6), dtype=bool)
+        expected[top:bottom, left:right] = True
+        assert np.array_equal(mask[i], expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_cutmix_stays_on_the_device():
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(4, 1, H, W, device="cuda")
+    lam, centre = torch.full((4,), 0.5, device="cuda"), torch.full((4, 2), 0.5, device="cuda")
+    mixed, targets = mixup.cutmix_batch(x, torch.arange(4, device="cuda"), lam, centre, None, generator, 4)
+    assert mixed.is_cuda and targets.is_cuda
+    assert mixup.boxes_mask(torch.tensor([[1, 3, 2, 4]], device="cuda"), H, W).is_cuda
+
+
+def test_grid_boxes_have_the_documented_sizes_and_every_position():
+    lambdas = np.tile(np.linspace(0, 1, 401), 200)
+    share = 1 - lambdas
+    for height, width in ((8, 8), (5, 12), (8, 200)):
+        boxes = mixup.grid_boxes(lambdas, height, width, seed=7)
+        assert boxes.shape == (lambdas.size, 4) and boxes.dtype.kind == "i"
+        top, bottom, left, right = boxes.T
+        rows, cols = bottom - top, right - left
+        assert (top >= 0).all() and (bottom <= height).all() and (left >= 0).all() and (right <= width).all()
+        assert (np.abs(rows - height * np.sqrt(share)) <= 0.5).all()  # height * sqrt(1 - lam) rows, rounded
+        target = share * height * width
+        best = np.abs(rows[:, None] * np.arange(width + 1)[None, :] - target[:, None]).min(axis=1)
+        assert np.allclose(np.abs(rows * cols - target)[rows > 0], best[rows > 0], rtol=0, atol=1e-9)
+        assert (cols[rows == 0] == 0).all()  # a box of no rows pastes nothing and has no columns either
+        if width <= 12:  # every position that keeps a box inside the image occurs
+            for size in np.unique(rows):
+                assert set(top[rows == size]) == set(range(height - size + 1))
+            for size in np.unique(cols):
+                assert set(left[cols == size]) == set(range(width - size + 1))
+    grid = np.linspace(0, 1, 5)
+    outside = grid.copy()
+    outside[0], outside[-1] = -0.5, 1.5  # lambdas outside [0, 1] count as 0 and 1
+    assert np.array_equal(mixup.grid_boxes(outside, 8, 200, 3), mixup.grid_boxes(grid, 8, 200, 3))
+
+
 # ---------------------------------------------------------------- the draws
 
 def test_plain_mixup_draws_nothing_more():
@@ -136,6 +217,57 @@ def test_feature_boxes_come_from_the_seed_alone_and_match_their_lambdas():
     assert np.abs(weight - lambdas).max() <= 0.07  # whole pixels on an 8 x 8 image
     for value in np.unique(lambdas):  # one weight per grid lambda, wherever the box sits
         assert np.unique(weight[lambdas == value]).size == 1
+
+
+@pytest.mark.parametrize("per_sample", [False, True])
+def test_draws_have_their_documented_types_and_shapes(per_sample):
+    for mixup_alpha, cutmix_alpha, mix_prob in ((1.0, 0.0, 1.0), (1.0, 0.0, 0.5), (0.0, 1.0, 1.0),
+                                                (0.0, 1.0, 0.5), (1.0, 1.0, 1.0), (1.0, 1.0, 0.5)):
+        rng = np.random.default_rng(3)
+        lams = mixup.sample_lambdas(rng, mixup_alpha, 50, 4, per_sample)
+        draws = mixup.sample_mixing(rng, lams, mixup_alpha, cutmix_alpha, mix_prob, 0.5)
+        shape = lams.shape
+        assert draws.mixed.dtype == bool and draws.cut.dtype == bool
+        assert draws.lam.shape == draws.mixed.shape == draws.cut.shape == shape
+        assert draws.centre.shape == (*shape, 2)
+        assert (draws.lam[~draws.mixed] == 1).all()
+        assert np.array_equal(draws.lam[draws.mixed & ~draws.cut], lams[draws.mixed & ~draws.cut])
+        if cutmix_alpha == 0:
+            assert not draws.cut.any() and not draws.centre.any()
+        else:
+            assert draws.cut.any() and draws.cut.all() == (mixup_alpha == 0)  # CutMix alone cuts every mixed one
+            cut_lams = draws.lam[draws.cut & draws.mixed]
+            assert np.unique(cut_lams).size == cut_lams.size  # one Beta draw per cut batch (or sample)
+
+
+# ---------------------------------------------------------------- rules named by the configuration
+
+def config(**flags):
+    return SimpleNamespace(**flags)
+
+
+def test_mixes_and_rule_name_follow_the_alphas_and_mix_prob():
+    for mixup_alpha, cutmix_alpha, rule in ((0.0, 0.0, "none"), (0.5, 0.0, "mixup"), (0.0, 0.5, "cutmix"),
+                                            (0.5, 0.5, "switch")):
+        for mix_prob in (1.0, 0.3, 0.0):
+            cfg = config(mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, mix_prob=mix_prob)
+            assert mixup.mixes(cfg) == (rule != "none" and mix_prob > 0)
+            assert mixup.rule_name(cfg) == (rule if mix_prob > 0 else "none")
+
+
+def test_feature_rules_take_feature_mix_else_the_runs_rules():
+    assert mixup.feature_rules(config(feature_mix=["cutmix"], mixup_alpha=1.0, cutmix_alpha=0.0)) == ["cutmix"]
+    assert mixup.feature_rules(config(feature_mix=["mixup"], mixup_alpha=0.0, cutmix_alpha=1.0)) == ["mixup"]
+    assert mixup.feature_rules(config(feature_mix=["cutmix", "mixup"], mixup_alpha=0.0,
+                                      cutmix_alpha=0.0)) == ["mixup", "cutmix"]
+    assert mixup.feature_rules(config(feature_mix=None, mixup_alpha=0.0, cutmix_alpha=1.0)) == ["cutmix"]
+    assert mixup.feature_rules(config(mixup_alpha=1.0, cutmix_alpha=1.0)) == ["mixup", "cutmix"]
+    assert mixup.feature_rules(config(mixup_alpha=0.0, cutmix_alpha=0.0)) == ["mixup"]  # no mixing: mixup's
+    # a namespace from before the flags: a missing alpha counts as 0
+    assert mixup.feature_rules(config(cutmix_alpha=1.0)) == ["cutmix"]
+    assert mixup.feature_rules(config(mixup_alpha=1.0)) == ["mixup"]
+    assert mixup.feature_rules(config(mixup_alpha=0.0)) == ["mixup"]
+    assert mixup.feature_rules(config()) == ["mixup"]
 
 
 # ---------------------------------------------------------------- flags and names
