@@ -38,7 +38,7 @@ DEFAULT_PAIRS = (
     ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py", "tests/test_ufm_planted.py"]),
     ("ufm", ["tests/test_ufm.py", "tests/test_ufm_batched.py", "tests/test_ufm_planted.py"]),
     ("losses.py", ["tests/test_losses_mixup.py"]),
-    ("mixup.py", ["tests/test_losses_mixup.py"]),
+    ("mixup.py", ["tests/test_losses_mixup.py", "tests/test_cutmix.py"]),
     ("data/batches.py", ["tests/test_data.py"]),
 )
 ACCEPTED_CATEGORIES = ("equivalent", "device-only", "message")
