@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants"
 ACCEPTED = ROOT / "bench" / "mutation_accepted.txt"
 DEFAULT_PAIRS = (
-    ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py", "tests/test_ufm_planted.py"]),
+    ("collapse_metrics.py", ["tests/test_collapse_metrics.py", "tests/test_layers.py", "tests/test_ufm_planted.py",
+                             "tests/test_measurement_precision.py"]),
     ("ufm", ["tests/test_ufm.py", "tests/test_ufm_batched.py", "tests/test_ufm_planted.py"]),
     ("losses.py", ["tests/test_losses_mixup.py"]),
     ("mixup.py", ["tests/test_losses_mixup.py", "tests/test_cutmix.py"]),

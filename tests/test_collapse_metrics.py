@@ -912,3 +912,46 @@ def test_class_moments_make_no_tensor_on_the_default_device():
         means = moments.class_means()
     assert means.device == torch.device("cpu")
     assert_agrees(got, design_layer_metrics(H, y))
+
+
+def test_mixup_geometry_with_pairs_measures_the_chord_of_different_class_pairs_only():
+    """With `pair`, diff_class_chord_nonlinearity: against a direct loop over the different-class mixed
+    points, each measured against its own pair's clean ends (lam = 1, lam = 0); the same-class pairs,
+    bent differently, are left out."""
+    rng = np.random.default_rng(31)
+    C, d, pairs = 3, 4, 6
+    y_a, y_b = np.array([0, 1, 2, 0, 1, 2]), np.array([1, 2, 0, 0, 1, 1])  # pairs 3 and 4 same-class
+    lambdas = np.array([1.0, 0.0, 0.25, 0.6])
+    lam = np.repeat(lambdas, pairs)
+    pair = np.tile(np.arange(pairs), len(lambdas))
+    H = rng.normal(size=(len(lam), d))
+    H[3 * pairs:] *= 5.0  # the last lambda's points far off: a large, different measure
+    means, W = rng.normal(size=(C, d)), rng.normal(size=(C, d))
+    out = mixup_geometry(torch.tensor(H), torch.tensor(y_a[pair]), torch.tensor(y_b[pair]), torch.tensor(lam),
+                         torch.tensor(means), torch.tensor(W), pair=torch.tensor(pair))
+    ratios = []
+    for i in range(len(lam)):
+        if 0 < lam[i] < 1 and y_a[pair[i]] != y_b[pair[i]]:
+            h_a = H[(pair == pair[i]) & (lam == 1.0)][0]
+            h_b = H[(pair == pair[i]) & (lam == 0.0)][0]
+            chord = lam[i] * h_a + (1 - lam[i]) * h_b
+            ratios.append(np.linalg.norm(H[i] - chord) / np.linalg.norm(h_a - h_b))
+    assert len(ratios) == 8
+    assert out["diff_class_chord_nonlinearity"] == pytest.approx(np.mean(ratios), rel=1e-12)
+
+
+def test_between_class_pinv_factor_keeps_a_small_but_genuine_direction():
+    """P = 3 centred means in d = 200 with singular values 1 and 1e-6: Sigma_B has rank 2 (numpy's
+    matrix_rank), the 1e-12 eigenvalue of M M^T is far above rounding and kept, and A A^T is
+    (M^T M)^+ from numpy's pinv of M."""
+    from collapse_metrics import _between_class_pinv_factor
+    rng = np.random.default_rng(32)
+    u = np.array([[1.0, -1.0, 0.0], [1.0, 1.0, -2.0]]).T / np.array([np.sqrt(2.0), np.sqrt(6.0)])
+    v, _ = np.linalg.qr(rng.normal(size=(200, 2)))
+    M = u @ np.diag([1.0, 1e-6]) @ v.T
+    assert np.linalg.matrix_rank(M) == 2
+    gram, A = _between_class_pinv_factor(torch.tensor(M))
+    np.testing.assert_allclose(gram.numpy(), M @ M.T, rtol=0, atol=1e-15)
+    assert A.shape == (200, 2)
+    pinv = np.linalg.pinv(M)
+    np.testing.assert_allclose((A @ A.T).numpy(), pinv @ pinv.T, rtol=0, atol=1e-3 * np.abs(pinv @ pinv.T).max())

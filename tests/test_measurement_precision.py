@@ -1,10 +1,14 @@
 """The measurement pass runs in float32 whatever --amp says; bf16 measurement only on request, or under
 auto where the run has measured that its rounding floor lies far below NC1."""
+import math
+
+import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from cli import parse_args
-from collapse_metrics import nc_metrics
+from collapse_metrics import nc1_floor, nc_metrics
 from data import DatasetInfo, Split
 from distributed import DistContext
 from main import build_run, resolve_defaults
@@ -83,3 +87,56 @@ def test_auto_measures_this_collapse_in_float32_after_finding_the_bf16_floor(mon
     fields, _, _ = measure_checked(run, with_nc=True)
     assert fields["eval_precision"] == "float32" and fields["nc1_floor"] > 30 * truth
     assert abs(fields["nc"]["train"]["nc1"] - truth) / truth < 1e-3
+
+
+# ---------------------------------------------------------------- nc1_floor's exact value (mutation testing, issue 16)
+
+def _floor_by_numpy(D, y, means):
+    """tr(Sigma_noise Sigma_B^+) / P straight from nc1_floor's docstring, in numpy: Sigma_noise centred per
+    class present in the sample over n - P_s; Sigma_B = M^T M / P over the P classes with finite means."""
+    D, y, means = np.asarray(D, dtype=np.float64), np.asarray(y), np.asarray(means, dtype=np.float64)
+    classes = np.unique(y)
+    centred = np.concatenate([D[y == c] - D[y == c].mean(axis=0) for c in classes])
+    sigma_noise = centred.T @ centred / (len(y) - len(classes))
+    present = means[np.isfinite(means).all(axis=1)]
+    M = present - present.mean(axis=0)
+    sigma_b = M.T @ M / len(present)
+    return float(np.trace(sigma_noise @ np.linalg.pinv(sigma_b))) / len(present)
+
+
+def test_nc1_floor_is_the_docstring_formula_exactly():
+    """Against numpy: C = 6 classes in d = 4 (more classes than dimensions), means far from 0, class 5 absent
+    from training (NaN mean), class 2 absent from the sample, class 3 with a single sample (its difference is
+    its class's mean: no spread); with and without num_classes."""
+    rng = np.random.default_rng(33)
+    C, d = 6, 4
+    means = 10.0 + rng.normal(size=(C, d))
+    means[5] = np.nan
+    y = np.array([0] * 7 + [1] * 6 + [4] * 8 + [3])
+    D = 0.01 * rng.normal(size=(len(y), d)) + 0.05 * rng.normal(size=(C, d))[y]
+    expected = _floor_by_numpy(D, y, means)
+    assert 0.0 < expected < 1.0
+    for num_classes in (None, C):
+        assert nc1_floor(torch.tensor(D), torch.tensor(y), torch.tensor(means), num_classes) == \
+            pytest.approx(expected, rel=1e-9)
+
+
+def test_nc1_floor_with_exactly_two_classes_and_its_nan_cases():
+    rng = np.random.default_rng(34)
+    means = rng.normal(size=(2, 3))
+    y = np.array([0, 0, 0, 1, 1])
+    D = rng.normal(size=(5, 3))
+    assert nc1_floor(torch.tensor(D), torch.tensor(y), torch.tensor(means)) == \
+        pytest.approx(_floor_by_numpy(D, y, means), rel=1e-9)
+    # as many rows as classes in the sample: no spread to estimate
+    assert math.isnan(nc1_floor(torch.tensor(D[[0, 3]]), torch.tensor(y[[0, 3]]), torch.tensor(means)))
+    # one non-finite difference, however many rows
+    D[1, 2] = math.inf
+    assert math.isnan(nc1_floor(torch.tensor(D), torch.tensor(y), torch.tensor(means)))
+    # one class with a finite mean
+    assert math.isnan(nc1_floor(torch.tensor(D[[0, 1, 2]]), torch.tensor(y[[0, 1, 2]]),
+                                torch.tensor(np.array([means[0], [np.nan] * 3]))))
+    # Sigma_B = 0: no floor; zero differences: floor 0
+    coincident = torch.tensor(np.array([means[0], means[0]]))
+    assert math.isnan(nc1_floor(torch.tensor(rng.normal(size=(5, 3))), torch.tensor(y), coincident))
+    assert nc1_floor(torch.zeros(5, 3, dtype=torch.float64), torch.tensor(y), torch.tensor(means)) == 0.0

@@ -211,3 +211,47 @@ def test_chord_nonlinearity_is_zero_for_linear_pairs_whatever_their_scatter():
     # no point left by the mask, or no pair with both ends: NaN
     assert math.isnan(chord_nonlinearity(bent, pair, lam, mask=torch.zeros_like(mixed)))
     assert math.isnan(chord_nonlinearity(bent[lam < 1], pair[lam < 1], lam[lam < 1]))
+
+
+# ---------------------------------------------------------------- edge cases that mutation testing found untested (issue 16)
+
+@pytest.mark.parametrize("d", [1, 3])
+def test_nearest_simplex_etf_of_two_classes_is_the_antipodal_pair_along_their_difference(d):
+    """C = 2 is allowed (2 <= C <= d + 1): the 2-class simplex is +-u; the nearest one puts u along
+    w_0 - w_1 (the rotation maximising <M R, W>), scaled to W's mean row norm."""
+    W = torch.randn(2, d, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    u = (W[0] - W[1]) / (W[0] - W[1]).norm()
+    expected = torch.stack([u, -u]) * W.norm(dim=1).mean()
+    torch.testing.assert_close(nearest_simplex_etf(W), expected, rtol=0, atol=1e-12)
+
+
+def test_nearest_simplex_etf_errors_say_exactly_what_is_wrong():
+    with pytest.raises(ValueError, match="^a simplex ETF of 1 classes needs 2 <= C <= d \\+ 1 \\(d = 4\\)$"):
+        nearest_simplex_etf(torch.randn(1, 4))
+    W = torch.randn(4, 6)
+    W[0, 0] = math.inf
+    with pytest.raises(ValueError, match="^W is not finite$"):
+        nearest_simplex_etf(W)
+
+
+def test_nearest_simplex_etf_rows_have_w_mean_row_norm_even_for_a_rank_deficient_w():
+    """Rows scaled to W's mean row norm whatever W: here C = 3, d = 2 and W of rank 1 (its centred rows
+    span one line), where the rotation is not unique."""
+    W = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    norms = nearest_simplex_etf(W).norm(dim=1)
+    torch.testing.assert_close(norms, torch.full((3,), 2.0 / 3.0, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_chord_nonlinearity_of_nothing_is_nan():
+    assert math.isnan(chord_nonlinearity(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), torch.zeros(0)))
+
+
+def test_chord_nonlinearity_leaves_out_pairs_with_equal_ends_and_keeps_short_chords():
+    """Pair 0 has equal ends (no chord: left out, though its mixed point is off them); pair 1 a chord of
+    length 0.01 with its mixed point 0.3 of that length off the chord: the measure is 0.3."""
+    h = torch.tensor([[1.0, 2.0, 0.0], [1.0, 2.0, 0.0], [5.0, 5.0, 5.0],      # pair 0: ends, mixed point
+                      [0.0, 0.0, 0.0], [0.01, 0.0, 0.0], [0.005, 0.003, 0.0]],  # pair 1: h_a, h_b, lam = 1/2
+                     dtype=torch.float64)
+    pair = torch.tensor([0, 0, 0, 1, 1, 1])
+    lam = torch.tensor([1.0, 0.0, 0.5, 1.0, 0.0, 0.5], dtype=torch.float64)
+    assert chord_nonlinearity(h, pair, lam) == pytest.approx(0.3, rel=1e-12)
