@@ -69,8 +69,10 @@ print(f"python {platform.python_version()} | torch {torch.__version__} | torchvi
 EOF
       ;;
     tests)
-      # the CUDA-only tests: NC statistics on the GPU equal the CPU's; the default training path's dtype and layout
-      $PY -m pytest -q -p no:cacheprovider tests/test_collapse_metrics.py tests/test_speed_paths.py -k "cuda or gpu" ;;
+      # the CUDA-only tests: NC statistics on the GPU equal the CPU's; the default training path's dtype and layout;
+      # the UFM fit and CutMix with tensors on the GPU (they kill mutation_accepted.txt's device-only mutants)
+      $PY -m pytest -q -p no:cacheprovider tests/test_collapse_metrics.py tests/test_speed_paths.py tests/test_ufm.py \
+        tests/test_cutmix.py -k "cuda or gpu" ;;
     e2e)
       # main.py's default on this device (compile on CUDA), a few epochs on digits, then --resume
       local common=(--dataset digits --model resnet18 --width 0.25 --device "$DEV" --no-progress --out-dir "$RUNS"
