@@ -176,12 +176,15 @@ def test_nearest_simplex_etf_is_the_procrustes_rotation_of_a_standard_etf(C_, d)
 
 
 def test_nearest_simplex_etf_needs_room_for_the_simplex_and_a_finite_classifier():
-    with pytest.raises(ValueError, match="needs 2 <= C <= d \\+ 1"):
-        nearest_simplex_etf(torch.randn(6, 4))
-    W = torch.randn(4, 6)
-    W[1, 2] = math.nan
-    with pytest.raises(ValueError, match="W is not finite"):
-        nearest_simplex_etf(W)
+    """Too many classes for d, or too few for a simplex, and a NaN or an infinity: each error says which."""
+    for C_ in (6, 1):
+        with pytest.raises(ValueError, match=f"^a simplex ETF of {C_} classes needs 2 <= C <= d \\+ 1 \\(d = 4\\)$"):
+            nearest_simplex_etf(torch.randn(C_, 4))
+    for bad in (math.nan, math.inf):
+        W = torch.randn(4, 6)
+        W[1, 2] = bad
+        with pytest.raises(ValueError, match="^W is not finite$"):
+            nearest_simplex_etf(W)
 
 
 # ---------------------------------------------------------------- the chord non-linearity
@@ -223,15 +226,6 @@ def test_nearest_simplex_etf_of_two_classes_is_the_antipodal_pair_along_their_di
     u = (W[0] - W[1]) / (W[0] - W[1]).norm()
     expected = torch.stack([u, -u]) * W.norm(dim=1).mean()
     torch.testing.assert_close(nearest_simplex_etf(W), expected, rtol=0, atol=1e-12)
-
-
-def test_nearest_simplex_etf_errors_say_exactly_what_is_wrong():
-    with pytest.raises(ValueError, match="^a simplex ETF of 1 classes needs 2 <= C <= d \\+ 1 \\(d = 4\\)$"):
-        nearest_simplex_etf(torch.randn(1, 4))
-    W = torch.randn(4, 6)
-    W[0, 0] = math.inf
-    with pytest.raises(ValueError, match="^W is not finite$"):
-        nearest_simplex_etf(W)
 
 
 def test_nearest_simplex_etf_rows_have_w_mean_row_norm_even_for_a_rank_deficient_w():
